@@ -1,0 +1,33 @@
+# Turns the user's AUTO|ON|OFF choices into QLORA_WITH_CUDA / QLORA_WITH_MPI (ON or OFF).
+# AUTO builds a backend when its toolchain is found; ON fails loudly when it is not.
+
+include(CheckLanguage)
+
+set(QLORA_WITH_CUDA OFF)
+if(NOT QLORA_CUDA STREQUAL "OFF")
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    set(QLORA_WITH_CUDA ON)
+  elseif(QLORA_CUDA STREQUAL "ON")
+    message(FATAL_ERROR "QLORA_CUDA=ON but no CUDA compiler was found (put nvcc on PATH or set CMAKE_CUDA_COMPILER)")
+  endif()
+endif()
+if(QLORA_WITH_CUDA)
+  # Ampere and Hopper; sm_90a is added per target where Hopper-only instructions (wgmma, TMA) are used.
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+    set(CMAKE_CUDA_ARCHITECTURES 80 90)
+  endif()
+  # CMake 3.25 does not know nvcc 13's C++20 flag (CUDA_STANDARD 20 fails), so qlora_cuda passes -std=c++20.
+  enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)
+endif()
+
+set(QLORA_WITH_MPI OFF)
+if(NOT QLORA_MPI STREQUAL "OFF")
+  find_package(MPI COMPONENTS CXX QUIET)
+  if(MPI_CXX_FOUND)
+    set(QLORA_WITH_MPI ON)
+  elseif(QLORA_MPI STREQUAL "ON")
+    message(FATAL_ERROR "QLORA_MPI=ON but no MPI was found (apt-get install libopenmpi-dev openmpi-bin)")
+  endif()
+endif()

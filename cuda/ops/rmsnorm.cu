@@ -1,0 +1,95 @@
+// RMSNorm forward and backward over the last axis.
+// Forward launch: one block of 256 threads per row; a block reduction gives sum_j x_j^2, thread 0 stores rstd.
+// Backward launch: about 4 blocks per SM, each walking rows r = blockIdx.x, blockIdx.x + gridDim.x, ...:
+// per row a block reduction of sum_j w_j dy_j x_j gives dx; the weight gradient of the block's rows collects
+// in shared memory (cols floats; each thread owns the columns it strides over, so no conflicts) and is added
+// to dw with one f32 atomicAdd per column per block.
+// f32 arithmetic; y = x * rstd * w rounded once (not Hugging Face's round-to-bf16-then-scale).
+// Not done yet: vectorised loads, keeping the row in registers between the passes.
+
+#include "common.cuh"
+#include "qlora/cuda/rmsnorm.hpp"
+
+namespace qlora::cuda {
+namespace {
+
+using namespace detail;
+
+template <class T>
+__global__ void rmsnorm_forward_kernel(const T* x, const T* w, T* y, float* rstd, std::int64_t rows,
+                                       std::int64_t cols, float eps) {
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * cols;
+    T* yr = y + r * cols;
+
+    float sum_squares = 0.0f;
+    for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      const float xj = to_f32(xr[j]);
+      sum_squares += xj * xj;
+    }
+    const float s = 1.0f / sqrtf(block_sum(sum_squares) / float(cols) + eps);
+    if (threadIdx.x == 0) rstd[r] = s;
+
+    for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) yr[j] = from_f32<T>(to_f32(xr[j]) * s * to_f32(w[j]));
+  }
+}
+
+template <class T>
+__global__ void rmsnorm_backward_kernel(const T* x, const T* w, const float* rstd, const T* dy, T* dx, float* dw,
+                                        std::int64_t rows, std::int64_t cols) {
+  extern __shared__ float dw_block[];  // cols floats when dw != nullptr
+  if (dw != nullptr)
+    for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) dw_block[j] = 0.0f;
+
+  for (std::int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * cols;
+    const T* dyr = dy + r * cols;
+    T* dxr = dx + r * cols;
+    const float s = rstd[r];
+
+    float dot = 0.0f;  // sum_j w_j dy_j x_j
+    for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) dot += to_f32(w[j]) * to_f32(dyr[j]) * to_f32(xr[j]);
+    const float c = s * s * s * block_sum(dot) / float(cols);
+
+    for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      const float xj = to_f32(xr[j]);
+      const float dyj = to_f32(dyr[j]);
+      dxr[j] = from_f32<T>(s * to_f32(w[j]) * dyj - xj * c);
+      if (dw != nullptr) dw_block[j] += dyj * xj * s;
+    }
+  }
+
+  if (dw != nullptr)
+    for (std::int64_t j = threadIdx.x; j < cols; j += blockDim.x) atomicAdd(dw + j, dw_block[j]);
+}
+
+}  // namespace
+
+template <class T>
+void rmsnorm_forward(const T* x, const T* w, T* y, float* rstd, std::int64_t rows, std::int64_t cols, float eps,
+                     Stream stream) {
+  if (rows <= 0) return;
+  rmsnorm_forward_kernel<<<row_grid(rows), kRowThreads, 0, stream>>>(dev(x), dev(w), dev(y), rstd, rows, cols, eps);
+  check_launch("rmsnorm_forward_kernel");
+}
+
+template <class T>
+void rmsnorm_backward(const T* x, const T* w, const float* rstd, const T* dy, T* dx, float* dw, std::int64_t rows,
+                      std::int64_t cols, Stream stream) {
+  if (rows <= 0) return;
+  auto* kernel = &rmsnorm_backward_kernel<device_t<T>>;
+  const std::size_t shared_bytes = dw != nullptr ? std::size_t(cols) * sizeof(float) : 0;
+  allow_dynamic_shared_memory(kernel, shared_bytes, "rmsnorm_backward_kernel");
+  const auto grid = unsigned(std::min<std::int64_t>(rows, 4 * std::int64_t(sm_count())));
+  kernel<<<grid, kRowThreads, shared_bytes, stream>>>(dev(x), dev(w), rstd, dev(dy), dev(dx), dw, rows, cols);
+  check_launch("rmsnorm_backward_kernel");
+}
+
+#define QLORA_INSTANTIATE(T)                                                                                   \
+  template void rmsnorm_forward<T>(const T*, const T*, T*, float*, std::int64_t, std::int64_t, float, Stream); \
+  template void rmsnorm_backward<T>(const T*, const T*, const float*, const T*, T*, float*, std::int64_t,      \
+                                    std::int64_t, Stream);
+QLORA_INSTANTIATE(float)
+QLORA_INSTANTIATE(qlora::bf16)
+
+}  // namespace qlora::cuda

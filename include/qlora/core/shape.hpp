@@ -1,0 +1,66 @@
+#pragma once
+// Shape: up to four dimensions, row-major. Rank 0 is a scalar (one element).
+
+#include <array>
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "qlora/core/error.hpp"
+
+namespace qlora {
+
+class Shape {
+ public:
+  static constexpr int kMaxRank = 4;
+
+  Shape() = default;
+  Shape(std::initializer_list<std::int64_t> dims) {
+    QLORA_CHECK(dims.size() <= kMaxRank, "shape of rank " + std::to_string(dims.size()) + " exceeds the maximum rank 4");
+    for (std::int64_t d : dims) {
+      QLORA_CHECK(d >= 0, "negative dimension " + std::to_string(d) + " in a shape");
+      dims_[rank_++] = d;
+    }
+  }
+
+  int rank() const { return rank_; }
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (int i = 0; i < rank_; ++i) n *= dims_[i];
+    return n;
+  }
+  // Dimension i; negative i counts from the end (-1 is the last).
+  std::int64_t operator[](int i) const {
+    const int j = i < 0 ? i + rank_ : i;
+    QLORA_CHECK(j >= 0 && j < rank_, "dimension " + std::to_string(i) + " out of range for shape " + str());
+    return dims_[j];
+  }
+  // Product of all dimensions but the last: the "rows" of a last-axis op.
+  std::int64_t rows() const { return rank_ == 0 ? 1 : numel() / (dims_[rank_ - 1] ? dims_[rank_ - 1] : 1); }
+  std::int64_t last() const { return rank_ == 0 ? 1 : dims_[rank_ - 1]; }
+
+  Shape with_dim(int i, std::int64_t value) const {
+    Shape s = *this;
+    s.dims_[i < 0 ? i + rank_ : i] = value;
+    return s;
+  }
+
+  bool operator==(const Shape& o) const {
+    if (rank_ != o.rank_) return false;
+    for (int i = 0; i < rank_; ++i)
+      if (dims_[i] != o.dims_[i]) return false;
+    return true;
+  }
+
+  std::string str() const {
+    std::string s = "(";
+    for (int i = 0; i < rank_; ++i) s += (i ? ", " : "") + std::to_string(dims_[i]);
+    return s + ")";
+  }
+
+ private:
+  std::array<std::int64_t, kMaxRank> dims_{};
+  int rank_ = 0;
+};
+
+}  // namespace qlora

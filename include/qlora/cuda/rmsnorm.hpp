@@ -1,0 +1,23 @@
+#pragma once
+// CUDA RMSNorm over the last axis (kernel layer; CPU twin: qlora/cpu/rmsnorm.hpp).
+// x, y, dy, dx: (rows, cols); w: (cols); T in {float, qlora::bf16}; rstd and dw are f32. Device pointers.
+
+#include <cstdint>
+
+#include "qlora/core/half.hpp"
+#include "qlora/cuda/stream.hpp"
+
+namespace qlora::cuda {
+
+// rstd[r] = 1 / sqrt(mean_j x[r,j]^2 + eps);  y = x * rstd * w
+template <class T>
+void rmsnorm_forward(const T* x, const T* w, T* y, float* rstd, std::int64_t rows, std::int64_t cols, float eps,
+                     Stream stream);
+
+// dx = rstd * (w * dy) - x * rstd^3 / cols * sum_j (w_j dy_j x_j)      (dx OVERWRITTEN)
+// dw[j] += sum_r dy[r,j] * x[r,j] * rstd[r]                            (ACCUMULATES; dw == nullptr skips it)
+template <class T>
+void rmsnorm_backward(const T* x, const T* w, const float* rstd, const T* dy, T* dx, float* dw, std::int64_t rows,
+                      std::int64_t cols, Stream stream);
+
+}  // namespace qlora::cuda
