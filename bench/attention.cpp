@@ -15,8 +15,9 @@
 // The backward accumulates into dk and dv across iterations (as it does across micro-batches); the zeroing a
 // training step does first is not timed.
 
-#include "bench_util.hpp"
 #include "qlora/cpu/attention.hpp"
+
+#include "bench_util.hpp"
 
 #if defined(QLORA_WITH_CUDA)
 #include "qlora/cuda/attention.hpp"
@@ -60,8 +61,8 @@ void register_cpu() {
         const double seconds = time_cpu(state, [&] {
           eigen_gemm(q.data(), k.data(), scores.data(), s.tq, s.tk, s.d, false, true, heads, s.tq * s.d, s.tk * s.d,
                      s.tq * s.tk);
-          eigen_gemm(scores.data(), v.data(), out.data(), s.tq, s.d, s.tk, false, false, heads, s.tq * s.tk,
-                     s.tk * s.d, s.tq * s.d);
+          eigen_gemm(scores.data(), v.data(), out.data(), s.tq, s.d, s.tk, false, false, heads, s.tq * s.tk, s.tk * s.d,
+                     s.tq * s.d);
         });
         report_reference(state, *ref, s.reference_flops(), seconds);
       },
@@ -73,8 +74,8 @@ void register_cpu() {
         const std::vector<float> q = uniform(s.q_size(), 1), k = uniform(s.kv_size(), 2), v = uniform(s.kv_size(), 3);
         std::vector<float> out = zeros(s.q_size()), lse = zeros(s.lse_size());
         const double seconds = time_cpu(state, [&] {
-          qlora::cpu::attention_forward(q.data(), k.data(), v.data(), out.data(), lse.data(), s.batch, s.tq, s.tk,
-                                        s.hq, s.hkv, s.d);
+          qlora::cpu::attention_forward(q.data(), k.data(), v.data(), out.data(), lse.data(), s.batch, s.tq, s.tk, s.hq,
+                                        s.hkv, s.d);
         });
         report_kernel(state, *ref, s.forward_flops(), seconds);
       },
@@ -122,8 +123,8 @@ void register_cuda_shape(const Shape& s) {
         const double seconds = time_cuda(state, [&] {
           cublas_gemm(q.get(), k.get(), scores.get(), s.tq, s.tk, s.d, false, true, heads, s.tq * s.d, s.tk * s.d,
                       s.tq * s.tk);
-          cublas_gemm(scores.get(), v.get(), out.get(), s.tq, s.d, s.tk, false, false, heads, s.tq * s.tk,
-                      s.tk * s.d, s.tq * s.d);
+          cublas_gemm(scores.get(), v.get(), out.get(), s.tq, s.d, s.tk, false, false, heads, s.tq * s.tk, s.tk * s.d,
+                      s.tq * s.d);
         });
         report_reference(state, *ref, s.reference_flops(), seconds);
       },

@@ -11,6 +11,7 @@
 #include <benchmark/benchmark.h>
 #include <omp.h>
 
+#include <Eigen/Dense>
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -23,8 +24,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <Eigen/Dense>
 
 #include "qlora/core/error.hpp"
 #include "qlora/core/half.hpp"
@@ -70,8 +69,7 @@ inline void report_reference(benchmark::State& state, Reference& ref, double wor
 }
 
 // Ends a kernel's run: its rate counter, and its rate as a percentage of the reference's.
-inline void report_kernel(benchmark::State& state, const Reference& ref, double work_per_iteration,
-                          double seconds) {
+inline void report_kernel(benchmark::State& state, const Reference& ref, double work_per_iteration, double seconds) {
   set_rate(state, ref.work, work_per_iteration);
   state.SetLabel("vs " + ref.name);
   if (ref.rate > 0 && seconds > 0)
@@ -82,18 +80,31 @@ inline ReferencePtr make_reference(std::string name, Work work) {
   return std::make_shared<Reference>(Reference{std::move(name), work, 0});
 }
 
-// Registers a benchmark that reports its own iteration times (UseManualTime).
+// Registers a benchmark that reports its own iteration times (UseManualTime). A benchmark that throws (a
+// launcher's qlora::Error, a CUDA or cuBLAS error) is reported as skipped with the message, and the
+// program goes on with the others.
 template <class Fn>
-benchmark::internal::Benchmark* add(const std::string& name, Fn&& fn, benchmark::TimeUnit unit) {
-  return benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn))->UseManualTime()->Unit(unit);
+benchmark::internal::Benchmark* add(const std::string& name, Fn fn, benchmark::TimeUnit unit) {
+  auto guarded = [fn = std::move(fn)](benchmark::State& state) {
+    try {
+      fn(state);
+    } catch (const std::exception& e) {
+      state.SkipWithError(e.what());
+    }
+  };
+  return benchmark::RegisterBenchmark(name.c_str(), std::move(guarded))->UseManualTime()->Unit(unit);
 }
 
 template <class T>
 constexpr const char* dtype_name() {
-  if constexpr (std::is_same_v<T, float>) return "f32";
-  else if constexpr (std::is_same_v<T, double>) return "f64";
-  else if constexpr (std::is_same_v<T, qlora::bf16>) return "bf16";
-  else return "f16";
+  if constexpr (std::is_same_v<T, float>)
+    return "f32";
+  else if constexpr (std::is_same_v<T, double>)
+    return "f64";
+  else if constexpr (std::is_same_v<T, qlora::bf16>)
+    return "bf16";
+  else
+    return "f16";
 }
 
 // "/rows:512/cols:2048": the argument suffix shared by a kernel and its reference.
@@ -122,8 +133,8 @@ inline std::vector<float> uniform(std::int64_t n, std::uint64_t seed, float lo =
 inline std::vector<std::int32_t> random_targets(std::int64_t rows, std::int64_t vocab, std::uint64_t seed) {
   std::vector<std::int32_t> t = zeros<std::int32_t>(rows);
   for (std::int64_t r = 0; r < rows; ++r)
-    t[std::size_t(r)] = std::int32_t(std::min<std::int64_t>(
-        vocab - 1, std::int64_t(qlora::philox_uniform(seed, std::uint64_t(r)) * float(vocab))));
+    t[std::size_t(r)] = std::int32_t(
+        std::min<std::int64_t>(vocab - 1, std::int64_t(qlora::philox_uniform(seed, std::uint64_t(r)) * float(vocab))));
   return t;
 }
 
@@ -199,7 +210,8 @@ inline void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw qlora::Error(std::string(what) + ": " + cudaGetErrorString(status));
 }
 inline void check(cublasStatus_t status, const char* what) {
-  if (status != CUBLAS_STATUS_SUCCESS) throw qlora::Error(std::string(what) + ": cuBLAS status " + std::to_string(int(status)));
+  if (status != CUBLAS_STATUS_SUCCESS)
+    throw qlora::Error(std::string(what) + ": cuBLAS status " + std::to_string(int(status)));
 }
 
 // The one stream every benchmark of the program runs on.
@@ -314,8 +326,10 @@ inline ReferencePtr add_d2d_copy_reference(const std::string& suffix, std::int64
 
 template <class T>
 constexpr cudaDataType_t cuda_data_type() {
-  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
-  else return CUDA_R_16BF;
+  if constexpr (std::is_same_v<T, float>)
+    return CUDA_R_32F;
+  else
+    return CUDA_R_16BF;
 }
 
 inline cublasHandle_t cublas() {
@@ -329,12 +343,12 @@ inline cublasHandle_t cublas() {
 }
 
 // Row-major batched C (m, n) = op(A) op(B) through cublasGemmEx (cublasGemmStridedBatchedEx when batch > 1)
-// with f32 accumulation
-// (CUBLAS_COMPUTE_32F: bf16 inputs on tensor cores, f32 inputs in full f32, no TF32). Row-major is the
-// column-major product C^T = op(B)^T op(A)^T. The GPU compute reference.
+// with f32 accumulation (CUBLAS_COMPUTE_32F: bf16 inputs on tensor cores, f32 inputs in full f32, no TF32).
+// Row-major is the column-major product C^T = op(B)^T op(A)^T. The GPU compute reference.
 template <class T>
 void cublas_gemm(const T* a, const T* b, T* c, std::int64_t m, std::int64_t n, std::int64_t k, bool trans_a,
-                 bool trans_b, std::int64_t batch, std::int64_t stride_a, std::int64_t stride_b, std::int64_t stride_c) {
+                 bool trans_b, std::int64_t batch, std::int64_t stride_a, std::int64_t stride_b,
+                 std::int64_t stride_c) {
   const float alpha = 1.0f, beta = 0.0f;
   const cudaDataType_t type = cuda_data_type<T>();
   const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -344,9 +358,9 @@ void cublas_gemm(const T* a, const T* b, T* c, std::int64_t m, std::int64_t n, s
           "cublasGemmEx");
     return;
   }
-  check(cublasGemmStridedBatchedEx(cublas(), op_b, op_a, int(n), int(m), int(k), &alpha, b, type, int(trans_b ? k : n), stride_b, a, type,
-                                   int(trans_a ? m : k), stride_a, &beta, c, type, int(n), stride_c, int(batch),
-                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+  check(cublasGemmStridedBatchedEx(cublas(), op_b, op_a, int(n), int(m), int(k), &alpha, b, type, int(trans_b ? k : n),
+                                   stride_b, a, type, int(trans_a ? m : k), stride_a, &beta, c, type, int(n), stride_c,
+                                   int(batch), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "cublasGemmStridedBatchedEx");
 }
 
@@ -392,8 +406,7 @@ inline int bench_main(int argc, char** argv, void (*register_cpu)(), void (*regi
   }
 #else
   (void)register_cuda;
-  std::fprintf(stderr, "%s: CUDA benchmarks not built (this build has no CUDA backend: -DQLORA_CUDA=ON)\n",
-               program);
+  std::fprintf(stderr, "%s: CUDA benchmarks not built (this build has no CUDA backend: -DQLORA_CUDA=ON)\n", program);
 #endif
   try {
     benchmark::RunSpecifiedBenchmarks();

@@ -10,8 +10,9 @@
 // bytes are the same, and a separate buffer keeps every timed iteration on identical inputs).
 // Every target is a valid class (no ignored rows), so every row does the full work.
 
-#include "bench_util.hpp"
 #include "qlora/cpu/cross_entropy.hpp"
+
+#include "bench_util.hpp"
 
 #if defined(QLORA_WITH_CUDA)
 #include "qlora/cuda/cross_entropy.hpp"

@@ -8,8 +8,9 @@
 // cublasGemmEx with f32 accumulation: bf16 on tensor cores, f32 in full f32, no TF32 on either side);
 // pct_of_ref compares FLOP per second.
 
-#include "bench_util.hpp"
 #include "qlora/cpu/matmul.hpp"
+
+#include "bench_util.hpp"
 
 #if defined(QLORA_WITH_CUDA)
 #include "qlora/cuda/matmul.hpp"
@@ -27,7 +28,8 @@ struct Shape {
 double flops(const Shape& s) { return 2.0 * double(s.m) * double(s.n) * double(s.k); }
 
 std::string suffix(const Shape& s) {
-  return std::string("/") + (s.trans_a ? "t" : "n") + (s.trans_b ? "t" : "n") + args({{"m", s.m}, {"n", s.n}, {"k", s.k}});
+  return std::string("/") + (s.trans_a ? "t" : "n") + (s.trans_b ? "t" : "n") +
+         args({{"m", s.m}, {"n", s.n}, {"k", s.k}});
 }
 
 // ---- CPU (f32) -----------------------------------------------------------------------------------------------
@@ -77,9 +79,8 @@ void register_cuda_shape(const Shape& s) {
         DeviceBuffer<T> a(s.m * s.k), b(s.k * s.n), c(s.m * s.n);
         fill_uniform(a, 1);
         fill_uniform(b, 2);
-        const double seconds = time_cuda(state, [&] {
-          cublas_gemm(a.get(), b.get(), c.get(), s.m, s.n, s.k, s.trans_a, s.trans_b, 1, 0, 0, 0);
-        });
+        const double seconds = time_cuda(
+            state, [&] { cublas_gemm(a.get(), b.get(), c.get(), s.m, s.n, s.k, s.trans_a, s.trans_b, 1, 0, 0, 0); });
         report_reference(state, *ref, flops(s), seconds);
       },
       benchmark::kMicrosecond);
@@ -90,8 +91,8 @@ void register_cuda_shape(const Shape& s) {
         fill_uniform(a, 1);
         fill_uniform(b, 2);
         const double seconds = time_cuda(state, [&] {
-          qlora::cuda::matmul<T, T, T>(a.get(), b.get(), c.get(), s.m, s.n, s.k, s.trans_a, s.trans_b, 1.0f, 0.0f, 1,
-                                       0, 0, 0, stream());
+          qlora::cuda::matmul<T, T, T>(a.get(), b.get(), c.get(), s.m, s.n, s.k, s.trans_a, s.trans_b, 1.0f, 0.0f, 1, 0,
+                                       0, 0, stream());
         });
         report_kernel(state, *ref, flops(s), seconds);
       },
@@ -102,10 +103,10 @@ void register_cuda() {
   // Llama-7B training shapes at 4096 tokens (2 sequences of 2048): the attention projections (4096 -> 4096) in
   // all three layouts, and the MLP's up projection (4096 -> 11008) forward.
   const Shape shapes[] = {
-      {4096, 4096, 4096, false, true},    // nt: q/k/v/o forward
-      {4096, 4096, 4096, false, false},   // nn: input gradient
-      {4096, 4096, 4096, true, false},    // tn: weight gradient
-      {4096, 11008, 4096, false, true},   // nt: gate/up forward
+      {4096, 4096, 4096, false, true},   // nt: q/k/v/o forward
+      {4096, 4096, 4096, false, false},  // nn: input gradient
+      {4096, 4096, 4096, true, false},   // tn: weight gradient
+      {4096, 11008, 4096, false, true},  // nt: gate/up forward
   };
   for (const Shape& s : shapes) register_cuda_shape<qlora::bf16>(s);
   for (const Shape& s : shapes) register_cuda_shape<float>(s);

@@ -8,8 +8,9 @@
 //   backward: read x, dy, w, rstd; write dx; dw += (r/w)     = (3 rows cols + cols) s + rows r + 2 cols g
 // with s the element size, r the size of rstd (f32 on CUDA, T on CPU), g the size of dw (f32 on CUDA).
 
-#include "bench_util.hpp"
 #include "qlora/cpu/rmsnorm.hpp"
+
+#include "bench_util.hpp"
 
 #if defined(QLORA_WITH_CUDA)
 #include "qlora/cuda/rmsnorm.hpp"
@@ -40,9 +41,8 @@ void register_cpu() {
       [=](benchmark::State& state) {
         const std::vector<float> x = uniform(rows * cols, 1), w = uniform(cols, 2, 0.5f, 1.5f);
         std::vector<float> y = zeros(rows * cols), rstd = zeros(rows);
-        const double seconds = time_cpu(state, [&] {
-          qlora::cpu::rmsnorm_forward(x.data(), w.data(), y.data(), rstd.data(), rows, cols, kEps);
-        });
+        const double seconds = time_cpu(
+            state, [&] { qlora::cpu::rmsnorm_forward(x.data(), w.data(), y.data(), rstd.data(), rows, cols, kEps); });
         report_kernel(state, *ref, forward_bytes(rows, cols, 4, 4), seconds);
       },
       benchmark::kMillisecond);

@@ -5,8 +5,9 @@
 // Bytes counted (the least each pass must move): forward reads x and writes y = 2 rows cols s; backward
 // reads y, dy and writes dx = 3 rows cols s (s = element size).
 
-#include "bench_util.hpp"
 #include "qlora/cpu/softmax.hpp"
+
+#include "bench_util.hpp"
 
 #if defined(QLORA_WITH_CUDA)
 #include "qlora/cuda/softmax.hpp"
@@ -42,8 +43,8 @@ void register_cpu() {
         const std::vector<float> x = uniform(rows * cols, 1, -8.0f, 8.0f), dy = uniform(rows * cols, 2);
         std::vector<float> y = zeros(rows * cols), dx = zeros(rows * cols);
         qlora::cpu::softmax_forward(x.data(), y.data(), rows, cols);
-        const double seconds = time_cpu(
-            state, [&] { qlora::cpu::softmax_backward(y.data(), dy.data(), dx.data(), rows, cols); });
+        const double seconds =
+            time_cpu(state, [&] { qlora::cpu::softmax_backward(y.data(), dy.data(), dx.data(), rows, cols); });
         report_kernel(state, *ref, backward_bytes(rows, cols, 4), seconds);
       },
       benchmark::kMillisecond);

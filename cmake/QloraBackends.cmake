@@ -17,8 +17,14 @@ if(QLORA_WITH_CUDA)
   if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
     set(CMAKE_CUDA_ARCHITECTURES 80 90)
   endif()
-  # CMake 3.25 does not know nvcc 13's C++20 flag (CUDA_STANDARD 20 fails), so qlora_cuda passes -std=c++20.
   enable_language(CUDA)
+  # CMake 3.25 predates nvcc's C++20 support and does not know its flag: teach it, then ask for C++20.
+  if(NOT CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+    set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+    set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+  endif()
+  set(CMAKE_CUDA_STANDARD 20)
+  set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   find_package(CUDAToolkit REQUIRED)
 endif()
 

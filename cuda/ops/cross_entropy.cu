@@ -14,7 +14,7 @@ namespace {
 using namespace detail;
 
 __device__ __forceinline__ bool is_counted(std::int32_t target, std::int64_t vocab) {
-  return target >= 0 && target < vocab;  // excludes kIgnoreIndex
+  return target >= 0 && target < vocab;  // excludes ignore_index (-100)
 }
 
 template <class T>

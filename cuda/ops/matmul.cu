@@ -161,30 +161,11 @@ class Scratch {
   void* data_;
 };
 
-}  // namespace
-
+// C = alpha op(A) op(B) + beta C by one cuBLASLt call (m, n, k > 0; a type combination cuBLASLt has).
 template <class TA, class TB, class TC>
-void matmul(const TA* a, const TB* b, TC* c, std::int64_t m, std::int64_t n, std::int64_t k, bool trans_a,
-            bool trans_b, float alpha, float beta, std::int64_t batch, std::int64_t stride_a, std::int64_t stride_b,
-            std::int64_t stride_c, Stream stream) {
-  if (m <= 0 || n <= 0 || batch <= 0) return;
-  if (k <= 0) {
-    const std::int64_t total = m * n * batch;
-    scale_matrices_kernel<<<elementwise_grid(total), kElementwiseThreads, 0, stream>>>(dev(c), m * n, batch,
-                                                                                        stride_c, beta);
-    check_launch("scale_matrices_kernel");
-    return;
-  }
-  if constexpr (std::is_same_v<TA, float> && std::is_same_v<TC, qlora::bf16>) {
-    // f32 x f32 -> bf16: the f32 product (plus beta C, widened) in a contiguous temporary, then rounded into C.
-    const std::int64_t elements = m * n;
-    const Scratch product(std::size_t(elements * batch) * sizeof(float), stream);
-    if (beta != 0.0f) convert_matrices(c, stride_c, product.as<float>(), elements, elements, batch, stream);
-    matmul(a, b, product.as<float>(), m, n, k, trans_a, trans_b, alpha, beta, batch, stride_a, stride_b, elements,
-           stream);
-    convert_matrices(product.as<const float>(), elements, c, stride_c, elements, batch, stream);
-    return;
-  }
+void cublaslt_matmul(const TA* a, const TB* b, TC* c, std::int64_t m, std::int64_t n, std::int64_t k, bool trans_a,
+                     bool trans_b, float alpha, float beta, std::int64_t batch, std::int64_t stride_a,
+                     std::int64_t stride_b, std::int64_t stride_c, Stream stream) {
   QLORA_CHECK(batch <= 0x7fffffff, "matmul: batch " + std::to_string(batch) + " does not fit cuBLASLt's int32");
   const DeviceContext& context = device_context();
 
@@ -228,6 +209,33 @@ void matmul(const TA* a, const TB* b, TC* c, std::int64_t m, std::int64_t n, std
   QLORA_CUBLAS_CHECK(cublasLtMatmul(context.handle, desc.handle, &alpha, b, layout_b.handle, a, layout_a.handle, &beta,
                                     c, layout_c.handle, c, layout_c.handle, &heuristic.algo, context.workspace,
                                     kWorkspaceBytes, stream));
+}
+
+}  // namespace
+
+template <class TA, class TB, class TC>
+void matmul(const TA* a, const TB* b, TC* c, std::int64_t m, std::int64_t n, std::int64_t k, bool trans_a,
+            bool trans_b, float alpha, float beta, std::int64_t batch, std::int64_t stride_a, std::int64_t stride_b,
+            std::int64_t stride_c, Stream stream) {
+  if (m <= 0 || n <= 0 || batch <= 0) return;
+  if (k <= 0) {
+    const std::int64_t total = m * n * batch;
+    scale_matrices_kernel<<<elementwise_grid(total), kElementwiseThreads, 0, stream>>>(dev(c), m * n, batch,
+                                                                                        stride_c, beta);
+    check_launch("scale_matrices_kernel");
+    return;
+  }
+  if constexpr (std::is_same_v<TA, float> && std::is_same_v<TC, qlora::bf16>) {
+    // f32 x f32 -> bf16: the f32 product (plus beta C, widened) in a contiguous temporary, then rounded into C.
+    const std::int64_t elements = m * n;
+    const Scratch product(std::size_t(elements * batch) * sizeof(float), stream);
+    if (beta != 0.0f) convert_matrices(c, stride_c, product.as<float>(), elements, elements, batch, stream);
+    cublaslt_matmul(a, b, product.as<float>(), m, n, k, trans_a, trans_b, alpha, beta, batch, stride_a, stride_b,
+                    elements, stream);
+    convert_matrices(product.as<const float>(), elements, c, stride_c, elements, batch, stream);
+  } else {
+    cublaslt_matmul(a, b, c, m, n, k, trans_a, trans_b, alpha, beta, batch, stride_a, stride_b, stride_c, stream);
+  }
 }
 
 #define QLORA_INSTANTIATE(TA, TB, TC)                                                                            \

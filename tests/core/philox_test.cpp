@@ -40,7 +40,7 @@ TEST_CASE("philox: the streams are pure functions of (seed, index)") {
   CHECK(equal < 5);
 }
 
-TEST_CASE("philox: uniform stream has the moments of U[lo, hi)") {
+TEST_CASE("philox: uniform stream has the moments of a uniform distribution on lo..hi") {
   const int n = 1 << 20;
   std::vector<float> u(n);
   cpu::fill_uniform(u.data(), n, 7, 0, -2.f, 3.f);

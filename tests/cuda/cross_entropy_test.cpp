@@ -24,7 +24,7 @@ std::vector<std::int32_t> random_targets(std::int64_t rows, std::int64_t vocab, 
   std::mt19937_64 gen(seed);
   std::uniform_int_distribution<std::int32_t> target(0, std::int32_t(vocab - 1));
   std::vector<std::int32_t> targets(rows);
-  for (std::int64_t r = 0; r < rows; ++r) targets[r] = r % 5 == 2 ? qlora::cuda::kIgnoreIndex : target(gen);
+  for (std::int64_t r = 0; r < rows; ++r) targets[r] = r % 5 == 2 ? qlora::cpu::ignore_index : target(gen);
   return targets;
 }
 
@@ -54,7 +54,7 @@ TEST_CASE_TEMPLATE("cuda cross_entropy: forward and backward match the CPU twin"
 
     // Backward from the reference's lse, mean over the counted rows.
     std::int64_t counted = 0;
-    for (auto t : targets) counted += t != qlora::cuda::kIgnoreIndex;
+    for (auto t : targets) counted += t != qlora::cpu::ignore_index;
     const float grad_scale = 1.0f / float(counted);
     DeviceBuffer<float> lse_in_dev(lse);
     std::vector<float> dlogits(rows * vocab);

@@ -39,19 +39,23 @@ class DeviceBuffer {
 
   void upload(const std::vector<T>& host) {
     if (host.size() != size_) throw std::runtime_error("DeviceBuffer::upload: size mismatch");
+    if (size_ == 0) return;
     check_cuda(cudaMemcpy(data_, host.data(), size_ * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy H2D");
   }
 
   std::vector<T> download() const {
     check_cuda(cudaDeviceSynchronize(), "kernel execution");
     std::vector<T> host(size_);
+    if (size_ == 0) return host;
     check_cuda(cudaMemcpy(host.data(), data_, size_ * sizeof(T), cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
     return host;
   }
 
   // All bits set: NaN as f32, bf16 and f16 (and -1 as int32), so an element a kernel forgets to write fails
   // every comparison.
-  void poison() { check_cuda(cudaMemset(data_, 0xff, size_ * sizeof(T)), "cudaMemset"); }
+  void poison() {
+    if (size_ != 0) check_cuda(cudaMemset(data_, 0xff, size_ * sizeof(T)), "cudaMemset");
+  }
 
  private:
   T* data_ = nullptr;

@@ -11,7 +11,7 @@
 
 using namespace qlora;
 
-TEST_CASE("ops: results keep shapes; per-row statistics drop the last axis") {
+TEST_CASE("ops: results keep shapes, per-row statistics drop the last axis") {
   const Tensor x = ops::randn({2, 3, 8}, 1);
   const Tensor w = ops::randn({8}, 2);
   const ops::RmsNormResult r = ops::rmsnorm(x, w, 1e-5f);

@@ -11,8 +11,6 @@
 
 namespace qlora::cuda {
 
-inline constexpr std::int32_t kIgnoreIndex = -100;
-
 // lse[r] = logsumexp_j logits[r,j];  losses[r] = lse[r] - logits[r, target[r]]  (0 for ignored rows)
 template <class T>
 void cross_entropy_forward(const T* logits, const std::int32_t* targets, float* losses, float* lse, std::int64_t rows,

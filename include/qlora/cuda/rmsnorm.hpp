@@ -14,7 +14,7 @@ template <class T>
 void rmsnorm_forward(const T* x, const T* w, T* y, float* rstd, std::int64_t rows, std::int64_t cols, float eps,
                      Stream stream);
 
-// dx = rstd * (w * dy) - x * rstd^3 / cols * sum_j (w_j dy_j x_j)      (dx OVERWRITTEN)
+// dx = rstd * (w * dy) - x * rstd^3 / cols * sum_j (w_j dy_j x_j)      (dx OVERWRITTEN; may alias dy or x)
 // dw[j] += sum_r dy[r,j] * x[r,j] * rstd[r]                            (ACCUMULATES; dw == nullptr skips it)
 template <class T>
 void rmsnorm_backward(const T* x, const T* w, const float* rstd, const T* dy, T* dx, float* dw, std::int64_t rows,
