@@ -20,6 +20,11 @@ TEST_CASE("tensor: shape, dtype and device basics") {
   CHECK(Shape{}.numel() == 1);
   CHECK_THROWS_WITH_AS((Shape{1, 2, 3, 4, 5}), "shape of rank 5 exceeds the maximum rank 4", Error);
   CHECK_THROWS_AS(s[3], Error);
+  CHECK(s.without_last() == Shape{2, 3});
+  CHECK(s.without_first() == Shape{3, 4});
+  CHECK(s.appended(5) == Shape{2, 3, 4, 5});
+  CHECK(Shape{}.without_last() == Shape{});
+  CHECK_THROWS_WITH_AS(s.appended(5).appended(6), "appending a dimension to (2, 3, 4, 5) exceeds the maximum rank 4", Error);
   CHECK(dtype_size(DType::bf16) == 2);
   CHECK(parse_dtype("i32") == DType::i32);
   CHECK_THROWS_AS(parse_dtype("f8"), Error);

@@ -39,6 +39,27 @@ class Shape {
   std::int64_t rows() const { return rank_ == 0 ? 1 : numel() / (dims_[rank_ - 1] ? dims_[rank_ - 1] : 1); }
   std::int64_t last() const { return rank_ == 0 ? 1 : dims_[rank_ - 1]; }
 
+  // This shape without its last dimension (a scalar shape stays a scalar): per-row statistics.
+  Shape without_last() const {
+    Shape s = *this;
+    if (s.rank_ > 0) s.rank_ -= 1;
+    return s;
+  }
+  // This shape without its first dimension: an element of the leading axis.
+  Shape without_first() const {
+    QLORA_CHECK(rank_ > 0, "a scalar shape has no first dimension");
+    Shape s;
+    for (int i = 1; i < rank_; ++i) s.dims_[s.rank_++] = dims_[i];
+    return s;
+  }
+  // This shape with one more trailing dimension d.
+  Shape appended(std::int64_t d) const {
+    QLORA_CHECK(rank_ < kMaxRank, "appending a dimension to " + str() + " exceeds the maximum rank 4");
+    Shape s = *this;
+    s.dims_[s.rank_++] = d;
+    return s;
+  }
+
   Shape with_dim(int i, std::int64_t value) const {
     Shape s = *this;
     s.dims_[i < 0 ? i + rank_ : i] = value;

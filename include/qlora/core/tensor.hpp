@@ -90,9 +90,7 @@ class Tensor {
   // Index i of the leading dimension, with that dimension removed.
   Tensor select(std::int64_t i) const {
     Tensor row = slice(i, i + 1);
-    Shape s;
-    for (int d = 1; d < rank(); ++d) s = append(s, dim(d));
-    row.shape_ = s;
+    row.shape_ = shape_.without_first();
     return row;
   }
   Tensor reshape(Shape shape) const {
@@ -182,15 +180,6 @@ class Tensor {
  private:
   Tensor(std::shared_ptr<Storage> storage, std::size_t offset, Shape shape, DType dtype)
       : storage_(std::move(storage)), offset_(offset), shape_(shape), dtype_(dtype) {}
-
-  static Shape append(const Shape& s, std::int64_t d) {
-    switch (s.rank()) {
-      case 0: return Shape{d};
-      case 1: return Shape{s[0], d};
-      case 2: return Shape{s[0], s[1], d};
-      default: return Shape{s[0], s[1], s[2], d};
-    }
-  }
 
   std::shared_ptr<Storage> storage_;
   std::size_t offset_ = 0;

@@ -15,7 +15,7 @@
 
 namespace qlora::ops {
 
-inline constexpr std::int32_t kIgnoreIndex = -100;
+inline constexpr std::int32_t kIgnoreIndex = cpu::ignore_index;  // -100, as PyTorch
 
 struct CrossEntropyResult {
   Tensor losses;  // (rows): -log p(target), 0 for ignored rows

@@ -9,16 +9,6 @@
 namespace qlora::ops {
 
 namespace detail {
-inline Shape append_dim(const Shape& s, std::int64_t d) {
-  switch (s.rank()) {
-    case 0: return Shape{d};
-    case 1: return Shape{s[0], d};
-    case 2: return Shape{s[0], s[1], d};
-    case 3: return Shape{s[0], s[1], s[2], d};
-    default: throw Error("embedding: ids of rank 4 give an output of rank 5, above the maximum 4");
-  }
-}
-
 // Host ids are checked here; device ids are not read back (a synchronisation per step): the kernels skip
 // out-of-range ids, and the tokenizer layer guarantees them.
 inline void check_ids(std::string_view op, const Tensor& ids, std::int64_t vocab) {
@@ -40,7 +30,7 @@ inline Tensor embedding(const Tensor& table, const Tensor& ids) {
   detail::check_device(op, ids, table.device(), "ids");
   const std::int64_t vocab = table.dim(0), dim = table.dim(1);
   detail::check_ids(op, ids, vocab);
-  Tensor y = Tensor::empty(detail::append_dim(ids.shape(), dim), table.dtype(), table.device());
+  Tensor y = Tensor::empty(ids.shape().appended(dim), table.dtype(), table.device());
   detail::dispatch(op, table, [&](auto t, auto backend) {
     using T = decltype(t);
     if constexpr (detail::is_cpu_v<decltype(backend)>)
@@ -59,7 +49,7 @@ inline void embedding_backward(const Tensor& dy, const Tensor& ids, Tensor& dtab
   detail::check_defined(op, dtable, "dtable");
   if (dtable.rank() != 2) detail::fail(op, "dtable must be (vocab, dim), got " + dtable.shape().str());
   const std::int64_t vocab = dtable.dim(0), dim = dtable.dim(1);
-  detail::check_shape(op, dy, detail::append_dim(ids.shape(), dim), "dy");
+  detail::check_shape(op, dy, ids.shape().appended(dim), "dy");
   detail::check_device(op, ids, dy.device(), "ids");
   detail::check_device(op, dtable, dy.device(), "dtable");
   detail::check_dtype(op, dtable, detail::accum_dtype(dy), "dtable");

@@ -12,22 +12,13 @@
 namespace qlora::ops {
 
 namespace detail {
-inline Shape without_last(const Shape& s) {
-  switch (s.rank()) {
-    case 0: case 1: return Shape{};
-    case 2: return Shape{s[0]};
-    case 3: return Shape{s[0], s[1]};
-    default: return Shape{s[0], s[1], s[2]};
-  }
-}
-
 enum class RowReduction { sum, max, mean };
 
 inline Tensor reduce_rows(std::string_view op, const Tensor& x, RowReduction which) {
   check_defined(op, x, "x");
   if (x.numel() == 0) fail(op, "cannot reduce the empty tensor " + x.str());
   const std::int64_t rows = x.shape().rows(), cols = x.shape().last();
-  Tensor y = Tensor::empty(without_last(x.shape()), accum_dtype(x), x.device());
+  Tensor y = Tensor::empty(x.shape().without_last(), accum_dtype(x), x.device());
   dispatch(op, x, [&](auto t, auto backend) {
     using T = decltype(t);
     using A = accum_t<T, decltype(backend)>;

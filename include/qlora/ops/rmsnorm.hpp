@@ -5,7 +5,6 @@
 #include "qlora/cpu/rmsnorm.hpp"
 #include "qlora/cuda/rmsnorm.hpp"
 #include "qlora/ops/dispatch.hpp"
-#include "qlora/ops/reduce.hpp"
 
 namespace qlora::ops {
 
@@ -20,7 +19,7 @@ inline RmsNormResult rmsnorm(const Tensor& x, const Tensor& weight, float eps) {
   detail::check_shape(op, weight, Shape{x.shape().last()}, "weight");
   const std::int64_t rows = x.shape().rows(), cols = x.shape().last();
   RmsNormResult r{Tensor::empty(x.shape(), x.dtype(), x.device()),
-                  Tensor::empty(detail::without_last(x.shape()), detail::accum_dtype(x), x.device())};
+                  Tensor::empty(x.shape().without_last(), detail::accum_dtype(x), x.device())};
   detail::dispatch(op, x, [&](auto t, auto backend) {
     using T = decltype(t);
     using A = detail::accum_t<T, decltype(backend)>;
@@ -39,7 +38,7 @@ inline Tensor rmsnorm_backward(const Tensor& x, const Tensor& weight, const Tens
   constexpr std::string_view op = "rmsnorm_backward";
   detail::check_same(op, {{&x, "x"}, {&weight, "weight"}, {&dy, "dy"}});
   detail::check_shape(op, dy, x.shape(), "dy");
-  detail::check_shape(op, rstd, detail::without_last(x.shape()), "rstd");
+  detail::check_shape(op, rstd, x.shape().without_last(), "rstd");
   detail::check_dtype(op, rstd, detail::accum_dtype(x), "rstd");
   const std::int64_t rows = x.shape().rows(), cols = x.shape().last();
   if (dweight.defined()) {
