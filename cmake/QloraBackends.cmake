@@ -37,3 +37,20 @@ if(NOT QLORA_MPI STREQUAL "OFF")
     message(FATAL_ERROR "QLORA_MPI=ON but no MPI was found (apt-get install libopenmpi-dev openmpi-bin)")
   endif()
 endif()
+
+# NCCL (GPU collectives of the dist layer) comes with CUDA when its header and library are found: Debian's
+# libnccl-dev, NVIDIA's packages, or a prefix given as NCCL_ROOT (CMake variable or environment).
+set(QLORA_WITH_NCCL OFF)
+if(QLORA_WITH_CUDA)
+  find_path(QLORA_NCCL_INCLUDE_DIR nccl.h HINTS ${NCCL_ROOT} $ENV{NCCL_ROOT} ${CUDAToolkit_INCLUDE_DIRS}
+            PATH_SUFFIXES include)
+  find_library(QLORA_NCCL_LIBRARY NAMES nccl libnccl.so.2 NAMES_PER_DIR HINTS ${NCCL_ROOT} $ENV{NCCL_ROOT} ${CUDAToolkit_LIBRARY_DIR}
+               PATH_SUFFIXES lib lib64)
+  if(QLORA_NCCL_INCLUDE_DIR AND QLORA_NCCL_LIBRARY)
+    set(QLORA_WITH_NCCL ON)
+    message(STATUS "qlora: NCCL found (${QLORA_NCCL_LIBRARY}): the NCCL communicator is built")
+  else()
+    message(STATUS "qlora: NCCL not found (apt-get install libnccl-dev, or set NCCL_ROOT): "
+                   "the NCCL communicator is not built; CUDA ranks cannot communicate")
+  endif()
+endif()

@@ -7,6 +7,7 @@ include(CMakePackageConfigHelpers)
 set(QLORA_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/qlora)
 
 install(DIRECTORY include/ DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(DIRECTORY models/ DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/qlora/models OPTIONAL FILES_MATCHING PATTERN "*.hpp")
 set(_qlora_targets qlora qlora_backend)
 if(QLORA_WITH_CUDA)
   list(APPEND _qlora_targets qlora_cuda)

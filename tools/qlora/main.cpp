@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <exception>
 
+#include "commands.hpp"
 #include "qlora/core/error.hpp"
 #if defined(QLORA_WITH_CUDA)
 #include "qlora/cuda/runtime.hpp"
@@ -37,6 +38,8 @@ int main(int argc, char** argv) {
 
   auto* devices = app.add_subcommand("devices", "List the compute backends this build can use");
   devices->callback(print_devices);
+  qlora::tool::register_info(app);
+  qlora::tool::register_generate(app);
 
   try {
     app.parse(argc, argv);

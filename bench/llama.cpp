@@ -1,0 +1,243 @@
+// Llama inference throughput: prefill tokens/s (one forward over the prompt through the KV cache) and
+// decode tokens/s (one token per step), each against a reference measured in the same process:
+//   prefill: GEMM FLOP/s (Eigen on the CPU, cuBLAS bf16 on CUDA) at the MLP's up-projection shape; the
+//            model's rate counts 2 FLOP per base weight per token (attention scores excluded).
+//   decode:  the bandwidth-bound ideal: bytes of weights read per token (the frozen bases, norms, LM head)
+//            over the measured copy bandwidth (parallel memcpy on the CPU, device-to-device on CUDA).
+// CPU: stories260K from ../shared/data when present, else a random model of its shape. CUDA: Llama-2-7B
+// shapes with random weights, NF4 base, bf16 activations, batch 1, prompt 512, decode 128.
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench_util.hpp"
+#include "models/llama/generate.hpp"
+#include "models/llama/load.hpp"
+
+using namespace qlora;
+using namespace qlora::bench;
+namespace ml = qlora::models::llama;
+
+namespace {
+
+// 2 FLOP per base weight per token (block linears + LM head).
+double forward_flops_per_token(const ml::Config& c) {
+  const double h = double(c.hidden_size);
+  const double block = h * double(c.q_dim()) * 2 + h * double(c.kv_dim()) * 2 + 3 * h * double(c.intermediate_size);
+  return 2.0 * (double(c.num_hidden_layers) * block + double(c.vocab_size) * h);
+}
+
+// Bytes of weights one decode step reads: everything stored except the embedding table (one row per token),
+// plus the head when it is tied to the embedding.
+double weight_bytes_per_token(const ml::Model& m) {
+  double bytes = double(m.base_bytes()) - double(m.embedding().nbytes());
+  if (m.tied_head()) bytes += double(m.embedding().nbytes());
+  return bytes;
+}
+
+std::vector<std::int32_t> prompt_ids(std::int64_t n, std::int64_t vocab) {
+  std::vector<std::int32_t> ids(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) ids[std::size_t(i)] = std::int32_t(i == 0 ? 1 : 3 + (i * 7919) % (vocab - 3));
+  return ids;
+}
+
+// Prefill `prompt` tokens into a fresh cache per iteration; returns seconds.
+template <class Timer>
+double time_prefill(benchmark::State& state, ml::Model& m, std::int64_t prompt, Timer timer) {
+  ml::KvCache cache(m.config(), 1, prompt, m.dtype(), m.device());
+  const Tensor ids = Tensor::from(prompt_ids(prompt, m.config().vocab_size), {1, prompt});
+  return timer(state, [&] {
+    cache.reset();
+    (void)m.logits(ids, &cache, true);
+  });
+}
+
+// Per iteration: prefill untimed, then `steps` single-token steps timed. Returns seconds.
+template <class Clock>
+double time_decode(benchmark::State& state, ml::Model& m, std::int64_t prompt, std::int64_t steps, Clock now) {
+  ml::KvCache cache(m.config(), 1, prompt + steps, m.dtype(), m.device());
+  const Tensor ids = Tensor::from(prompt_ids(prompt, m.config().vocab_size), {1, prompt});
+  const Tensor one = Tensor::from(std::vector<std::int32_t>{5}, {1, 1});
+  double total = 0;
+  for (auto _ : state) {
+    cache.reset();
+    (void)m.logits(ids, &cache, true);
+    const double start = now();
+    for (std::int64_t s = 0; s < steps; ++s) {
+      const Tensor logits = m.logits(one, &cache, true).to(Device::cpu());  // the sampler reads them on the host
+      benchmark::DoNotOptimize(logits.data());
+    }
+    const double seconds = now() - start;
+    state.SetIterationTime(seconds);
+    total += seconds;
+  }
+  return total;
+}
+
+double wall_now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// ---- CPU ------------------------------------------------------------------------------------------------------
+
+ml::Model& cpu_model(std::string* label) {
+  static std::string name;
+  static std::unique_ptr<ml::Model> model = [] {
+    const std::filesystem::path bin =
+        std::filesystem::path(__FILE__).parent_path() / "../../shared/data/models/stories260K/stories260K.bin";
+    if (std::filesystem::exists(bin)) {
+      name = "stories260K";
+      return std::make_unique<ml::Model>(ml::load_model(bin));
+    }
+    name = "random_stories260K_shape";
+    ml::Config c;
+    c.hidden_size = 64, c.intermediate_size = 172, c.num_hidden_layers = 5, c.num_attention_heads = 8;
+    c.num_key_value_heads = 4, c.head_dim = 8, c.vocab_size = 512, c.max_position_embeddings = 512;
+    c.tie_word_embeddings = true;
+    return std::make_unique<ml::Model>(ml::random_model(c, ml::LoadOptions{}));
+  }();
+  *label = name;
+  return *model;
+}
+
+void register_cpu() {
+  std::string name;
+  ml::Model& m = cpu_model(&name);
+  const ml::Config& c = m.config();
+  const std::int64_t prompt = 256, steps = 128;
+  const std::string suffix = "/" + name + args({{"prompt", prompt}, {"decode", steps}});
+
+  const ReferencePtr gemm = make_reference("BM_reference_eigen_gemm_f32" + suffix, Work::flops);
+  add(
+      gemm->name,
+      [=](benchmark::State& state) {
+        const std::int64_t M = prompt, N = c.intermediate_size, K = c.hidden_size;
+        const std::vector<float> a = uniform(M * K, 1), b = uniform(K * N, 2);
+        std::vector<float> out = zeros(M * N);
+        const double seconds =
+            time_cpu(state, [&] { eigen_gemm(a.data(), b.data(), out.data(), M, N, K, false, false, 1, 0, 0, 0); });
+        report_reference(state, *gemm, 2.0 * double(M * N * K), seconds);
+      },
+      benchmark::kMicrosecond);
+  add(
+      "BM_llama_prefill_cpu_f32" + suffix,
+      [=](benchmark::State& state) {
+        std::string unused;
+        ml::Model& model = cpu_model(&unused);
+        const double seconds = time_prefill(state, model, prompt, [](benchmark::State& s, auto op) { return time_cpu(s, op); });
+        report_kernel(state, *gemm, forward_flops_per_token(c) * double(prompt), seconds);
+        state.counters["tokens/s"] = benchmark::Counter(double(prompt), benchmark::Counter::kIsIterationInvariantRate);
+      },
+      benchmark::kMillisecond);
+
+  const std::int64_t weight_bytes = std::int64_t(weight_bytes_per_token(m));
+  const ReferencePtr copy = add_memcpy_reference(suffix, std::max<std::int64_t>(weight_bytes, 64 << 20));
+  add(
+      "BM_llama_decode_cpu_f32" + suffix,
+      [=](benchmark::State& state) {
+        std::string unused;
+        ml::Model& model = cpu_model(&unused);
+        const double seconds = time_decode(state, model, prompt, steps, wall_now);
+        // Work: the weight bytes each token reads; pct_of_ref = this rate / copy bandwidth (the ideal).
+        report_kernel(state, *copy, double(weight_bytes) * double(steps), seconds);
+        state.counters["tokens/s"] = benchmark::Counter(double(steps), benchmark::Counter::kIsIterationInvariantRate);
+      },
+      benchmark::kMillisecond);
+}
+
+// ---- CUDA -----------------------------------------------------------------------------------------------------
+
+#if defined(QLORA_WITH_CUDA)
+
+ml::Config llama2_7b() {
+  ml::Config c;  // meta-llama/Llama-2-7b-hf config.json
+  c.hidden_size = 4096, c.intermediate_size = 11008, c.num_hidden_layers = 32, c.num_attention_heads = 32;
+  c.num_key_value_heads = 32, c.head_dim = 128, c.vocab_size = 32000, c.max_position_embeddings = 4096;
+  c.rms_norm_eps = 1e-5;
+  return c;
+}
+
+// Random weights, one draw per tensor kind reused by every layer (drawing 6.7e9 values would dominate).
+ml::Model& cuda_model() {
+  static std::unique_ptr<ml::Model> model = [] {
+    const ml::Config c = llama2_7b();
+    auto drawn = std::make_shared<std::map<std::string, Tensor>>();
+    const ml::TensorSource source = [c, drawn](const std::string& name) {
+      const std::string kind = name.rfind("model.layers.", 0) == 0 ? name.substr(name.find('.', 13) + 1) : name;
+      auto it = drawn->find(kind);
+      if (it != drawn->end()) return it->second;
+      Shape shape;
+      for (const auto& s : io::llama_tensor_specs(c))
+        if (s.name == name) shape = s.shape;
+      const Tensor t = shape.rank() == 1 ? ops::rand(shape, drawn->size() + 1, Device::cpu(), 0.8f, 1.2f)
+                                         : ops::randn(shape, drawn->size() + 1, Device::cpu(), 0.f, 0.02f);
+      (*drawn)[kind] = t;
+      return t;
+    };
+    ml::LoadOptions o;
+    o.device = Device::cuda(0);
+    o.quant = quant::QuantConfig::parse("nf4");
+    return std::make_unique<ml::Model>(ml::build_model(c, source, o));
+  }();
+  return *model;
+}
+
+double cuda_now() {
+  check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize");
+  return wall_now();
+}
+
+void register_cuda() {
+  cuda::set_current_stream(stream());  // the model's work is what the events time
+  const ml::Config c = llama2_7b();
+  const std::int64_t prompt = 512, steps = 128;
+  const std::string suffix = "/llama2_7b_shape_nf4" + args({{"batch", 1}, {"prompt", prompt}, {"decode", steps}});
+
+  const ReferencePtr gemm = make_reference("BM_reference_cublas_gemm_bf16" + suffix, Work::flops);
+  add(
+      gemm->name,
+      [=](benchmark::State& state) {
+        const std::int64_t M = prompt, N = c.intermediate_size, K = c.hidden_size;
+        DeviceBuffer<bf16> a(M * K), b(K * N), out(M * N);
+        fill_uniform(a, 1);
+        fill_uniform(b, 2);
+        const double seconds =
+            time_cuda(state, [&] { cublas_gemm(a.get(), b.get(), out.get(), M, N, K, false, true, 1, 0, 0, 0); });
+        report_reference(state, *gemm, 2.0 * double(M * N * K), seconds);
+      },
+      benchmark::kMicrosecond);
+  add(
+      "BM_llama_prefill_cuda_bf16" + suffix,
+      [=](benchmark::State& state) {
+        ml::Model& m = cuda_model();
+        const double seconds =
+            time_prefill(state, m, prompt, [](benchmark::State& s, auto op) { return time_cuda(s, op, 1); });
+        report_kernel(state, *gemm, forward_flops_per_token(c) * double(prompt), seconds);
+        state.counters["tokens/s"] = benchmark::Counter(double(prompt), benchmark::Counter::kIsIterationInvariantRate);
+      },
+      benchmark::kMillisecond)
+      ->Iterations(3);
+
+  const ReferencePtr copy = add_d2d_copy_reference(suffix, std::int64_t(1) << 30);
+  add(
+      "BM_llama_decode_cuda_bf16" + suffix,
+      [=](benchmark::State& state) {
+        ml::Model& m = cuda_model();
+        const double bytes = weight_bytes_per_token(m);
+        const double seconds = time_decode(state, m, prompt, steps, cuda_now);
+        report_kernel(state, *copy, bytes * double(steps), seconds);
+        state.counters["tokens/s"] = benchmark::Counter(double(steps), benchmark::Counter::kIsIterationInvariantRate);
+        state.counters["ideal_tokens/s"] = copy->rate > 0 ? copy->rate / bytes : 0.0;
+      },
+      benchmark::kMillisecond)
+      ->Iterations(2);
+}
+
+#else
+void register_cuda() {}
+#endif
+
+}  // namespace
+
+int main(int argc, char** argv) { return bench_main(argc, argv, register_cpu, register_cuda); }

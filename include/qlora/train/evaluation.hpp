@@ -1,0 +1,228 @@
+#pragma once
+// Evaluation protocols, independent of the model: the model enters as a scoring callback.
+//
+// Perplexity (GPTQ's WikiText-2 protocol): tokenize the whole text once (one BOS at the start; a dataset of
+// rows is first joined with "\n\n"), cut the ids into non-overlapping windows of seq_len tokens (the tail
+// shorter than a window is dropped), score the L-1 next-token predictions of each window,
+// ppl = exp(mean negative log-likelihood over all scored tokens).
+//
+// Multiple choice (lm-evaluation-harness's loglikelihood tasks): for each choice, the log-likelihood of
+// the continuation " " + choice after the context "Question: ...\nAnswer:"; the pair is encoded as the
+// harness does (encode(context + continuation), the continuation being what follows encode(context)).
+// acc = argmax of the log-likelihoods; acc_norm = argmax of log-likelihood / byte length of the choice.
+//
+// GSM8K: greedy generation; the answer is the number after "####" if the model wrote one, else the last
+// number in the generated text (the harness's strict and flexible extractions); commas are removed.
+
+#include <cctype>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "qlora/io/tokenizer.hpp"
+#include "qlora/train/data_loader.hpp"
+#include "qlora/train/text_data.hpp"
+
+namespace qlora::train {
+
+// ---- perplexity -----------------------------------------------------------------------------------------
+
+struct NllSum {
+  double nll = 0;          // sum of -log p over the scored targets
+  std::int64_t tokens = 0; // targets scored
+};
+
+struct PerplexityResult {
+  double ppl = 0, nll = 0;  // nll: mean per token
+  std::int64_t tokens = 0, windows = 0;
+  nlohmann::json to_json() const { return {{"ppl", ppl}, {"nll", nll}, {"tokens", tokens}, {"windows", windows}}; }
+};
+
+// score(batch) returns the summed NLL of the batch's targets. Windows are scored `batch_size` at a time;
+// `on_window(done, total)` (optional) reports progress.
+inline PerplexityResult perplexity(const std::vector<std::int32_t>& ids, std::int64_t seq_len,
+                                   const std::function<NllSum(const Batch&)>& score, std::int64_t batch_size = 1,
+                                   const std::function<void(std::int64_t, std::int64_t)>& on_window = {}) {
+  const std::vector<Example> windows = chunk_tokens(ids, seq_len);
+  if (windows.empty())
+    throw Error("perplexity: the text has " + std::to_string(ids.size()) + " tokens, fewer than one window of " +
+                std::to_string(seq_len));
+  PerplexityResult r;
+  for (std::size_t start = 0; start < windows.size(); start += std::size_t(batch_size)) {
+    std::vector<const Example*> chunk;
+    for (std::size_t i = start; i < std::min(windows.size(), start + std::size_t(batch_size)); ++i)
+      chunk.push_back(&windows[i]);
+    const NllSum s = score(make_batch(chunk, 0));
+    if (!std::isfinite(s.nll)) throw Error("perplexity: the model produced a non-finite loss in window " +
+                                           std::to_string(start));
+    r.nll += s.nll;
+    r.tokens += s.tokens;
+    if (on_window) on_window(std::int64_t(std::min(windows.size(), start + std::size_t(batch_size))),
+                             std::int64_t(windows.size()));
+  }
+  r.windows = std::int64_t(windows.size());
+  r.nll /= double(r.tokens);
+  r.ppl = std::exp(r.nll);
+  return r;
+}
+
+// The ids of a text file for perplexity: JSONL files of {"text": ...} rows are joined with "\n\n".
+inline std::vector<std::int32_t> perplexity_ids(const io::Tokenizer& tokenizer, const std::string& path) {
+  std::string text = read_text_file(path);
+  if (path.size() > 6 && path.substr(path.size() - 6) == ".jsonl") {
+    std::string joined;
+    std::size_t start = 0;
+    std::int64_t line_number = 0;
+    while (start < text.size()) {
+      const std::size_t end = std::min(text.find('\n', start), text.size());
+      const std::string line = text.substr(start, end - start);
+      ++line_number;
+      start = end + 1;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      try {
+        const auto row = nlohmann::json::parse(line);
+        if (!joined.empty()) joined += "\n\n";
+        joined += row.at("text").get<std::string>();
+      } catch (const nlohmann::json::exception& e) {
+        throw Error(path + ":" + std::to_string(line_number) + ": expected {\"text\": ...} (" + e.what() + ")");
+      }
+    }
+    text = std::move(joined);
+  }
+  return tokenizer.encode(text, /*add_bos=*/true);
+}
+
+// ---- multiple choice ------------------------------------------------------------------------------------
+
+struct MultipleChoiceItem {
+  std::string question;
+  std::vector<std::string> choices;
+  std::int64_t answer = 0;  // index into choices
+};
+
+// JSONL of {"question": str, "choices": [str, ...], "answer": int index or the choice's label "A".."Z"}.
+inline std::vector<MultipleChoiceItem> read_multiple_choice(const std::string& path) {
+  const std::string text = read_text_file(path);
+  std::vector<MultipleChoiceItem> items;
+  std::size_t start = 0;
+  std::int64_t line_number = 0;
+  while (start < text.size()) {
+    const std::size_t end = std::min(text.find('\n', start), text.size());
+    const std::string line = text.substr(start, end - start);
+    ++line_number;
+    start = end + 1;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = path + ":" + std::to_string(line_number);
+    try {
+      const auto row = nlohmann::json::parse(line);
+      MultipleChoiceItem item{row.at("question").get<std::string>(), row.at("choices").get<std::vector<std::string>>(), 0};
+      const auto& answer = row.at("answer");
+      if (answer.is_string() && answer.get<std::string>().size() == 1 && std::isupper(answer.get<std::string>()[0]))
+        item.answer = answer.get<std::string>()[0] - 'A';
+      else
+        item.answer = answer.get<std::int64_t>();
+      if (item.choices.size() < 2) throw Error(where + ": needs at least two choices");
+      if (item.answer < 0 || item.answer >= std::int64_t(item.choices.size()))
+        throw Error(where + ": answer " + answer.dump() + " is not one of the " + std::to_string(item.choices.size()) +
+                    " choices");
+      items.push_back(std::move(item));
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(where + ": expected {\"question\", \"choices\", \"answer\"} (" + e.what() + ")");
+    }
+  }
+  if (items.empty()) throw Error(path + ": no questions");
+  return items;
+}
+
+// The harness's pair encoding: trailing spaces of the context move to the continuation.
+inline std::pair<std::vector<std::int32_t>, std::vector<std::int32_t>> encode_pair(const io::Tokenizer& tokenizer,
+                                                                                   std::string context,
+                                                                                   std::string continuation) {
+  while (!context.empty() && context.back() == ' ') {
+    continuation.insert(continuation.begin(), ' ');
+    context.pop_back();
+  }
+  const auto whole = tokenizer.encode(context + continuation, true);
+  const auto ctx = tokenizer.encode(context, true);
+  std::size_t common = 0;
+  while (common < ctx.size() && common < whole.size() && whole[common] == ctx[common]) ++common;
+  if (common == whole.size()) common = whole.size() - 1;  // the continuation must keep at least one token
+  return {std::vector<std::int32_t>(whole.begin(), whole.begin() + std::ptrdiff_t(common)),
+          std::vector<std::int32_t>(whole.begin() + std::ptrdiff_t(common), whole.end())};
+}
+
+struct MultipleChoiceResult {
+  double acc = 0, acc_norm = 0;
+  std::int64_t questions = 0;
+  nlohmann::json to_json() const { return {{"acc", acc}, {"acc_norm", acc_norm}, {"questions", questions}}; }
+};
+
+// loglik(context_ids, continuation_ids) = sum of log p(continuation | context).
+inline MultipleChoiceResult multiple_choice(
+    const io::Tokenizer& tokenizer, const std::vector<MultipleChoiceItem>& items,
+    const std::function<double(const std::vector<std::int32_t>&, const std::vector<std::int32_t>&)>& loglik) {
+  MultipleChoiceResult r;
+  for (const MultipleChoiceItem& item : items) {
+    const std::string context = "Question: " + item.question + "\nAnswer:";
+    std::int64_t best = 0, best_norm = 0;
+    double best_ll = -INFINITY, best_ll_norm = -INFINITY;
+    for (std::size_t c = 0; c < item.choices.size(); ++c) {
+      const auto [ctx, cont] = encode_pair(tokenizer, context, " " + item.choices[c]);
+      const double ll = loglik(ctx, cont);
+      const double ll_norm = ll / double(std::max<std::size_t>(1, item.choices[c].size()));
+      if (ll > best_ll) best_ll = ll, best = std::int64_t(c);
+      if (ll_norm > best_ll_norm) best_ll_norm = ll_norm, best_norm = std::int64_t(c);
+    }
+    r.acc += best == item.answer;
+    r.acc_norm += best_norm == item.answer;
+  }
+  r.questions = std::int64_t(items.size());
+  r.acc /= double(r.questions);
+  r.acc_norm /= double(r.questions);
+  return r;
+}
+
+// ---- GSM8K ----------------------------------------------------------------------------------------------
+
+namespace detail {
+inline std::string clean_number(std::string s) {
+  std::string out;
+  for (char ch : s)
+    if (ch != ',' && ch != '$') out += ch;
+  while (!out.empty() && out.back() == '.') out.pop_back();
+  return out;
+}
+// The numbers in text, in order ("-1,234.5" -> "-1234.5").
+inline std::vector<std::string> numbers_in(const std::string& text) {
+  std::vector<std::string> found;
+  for (std::size_t i = 0; i < text.size();) {
+    const bool sign = text[i] == '-' && i + 1 < text.size() && std::isdigit(static_cast<unsigned char>(text[i + 1]));
+    if (!sign && !std::isdigit(static_cast<unsigned char>(text[i]))) {
+      ++i;
+      continue;
+    }
+    std::size_t j = i + (sign ? 1 : 0);
+    while (j < text.size() && (std::isdigit(static_cast<unsigned char>(text[j])) || text[j] == ',' || text[j] == '.')) ++j;
+    found.push_back(clean_number(text.substr(i, j - i)));
+    i = j;
+  }
+  return found;
+}
+}  // namespace detail
+
+// The final answer of a GSM8K solution or a model's generation ("" when it has no number).
+inline std::string gsm8k_extract_answer(const std::string& text) {
+  const std::size_t marker = text.find("####");
+  if (marker != std::string::npos) {
+    const auto after = detail::numbers_in(text.substr(marker + 4));
+    if (!after.empty()) return after.front();
+  }
+  const auto all = detail::numbers_in(text);
+  return all.empty() ? "" : all.back();
+}
+
+}  // namespace qlora::train
