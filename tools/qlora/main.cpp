@@ -40,6 +40,10 @@ int main(int argc, char** argv) {
   devices->callback(print_devices);
   qlora::tool::register_info(app);
   qlora::tool::register_generate(app);
+  qlora::tool::register_train(app);
+  qlora::tool::register_eval(app);
+  qlora::tool::register_demo(app);
+  qlora::tool::register_export(app);
 
   try {
     app.parse(argc, argv);

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 template <class T>
@@ -22,7 +24,7 @@ void adamw_step(T* param, const T* grad, T* m, T* v, std::int64_t n, float lr, f
   const T bias_correction2_sqrt = T(std::sqrt(bias_correction2));
   const T decay = T(1.0 - double(lr) * double(weight_decay));
   const T b1 = T(beta1), b2 = T(beta2);
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) {
     const T g = T(grad_scale) * grad[i];
     m[i] = b1 * m[i] + (T(1) - b1) * g;

@@ -11,6 +11,8 @@
 #include <limits>
 #include <vector>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 namespace detail {
@@ -31,7 +33,7 @@ void attention_forward(const T* q, const T* k, const T* v, T* out, T* lse, std::
                        std::int64_t tk, std::int64_t hq, std::int64_t hkv, std::int64_t d) {
   const std::int64_t group = hq / hkv;
   const double scale = 1.0 / std::sqrt(double(d));
-#pragma omp parallel
+#pragma omp parallel if (qlora::cpu::worth_parallel(batch * hq * tq * tk * d))
   {
     std::vector<double> p(tk), acc(d);
 #pragma omp for
@@ -71,7 +73,7 @@ void attention_backward(const T* q, const T* k, const T* v, const T* out, const 
                         std::int64_t hkv, std::int64_t d) {
   const std::int64_t group = hq / hkv;
   const double scale = 1.0 / std::sqrt(double(d));
-#pragma omp parallel
+#pragma omp parallel if (qlora::cpu::worth_parallel(3 * batch * hq * tq * tk * d))
   {
     std::vector<double> dq_acc(d);
 #pragma omp for

@@ -7,6 +7,7 @@
 #include <type_traits>
 
 #include "qlora/core/half.hpp"
+#include "qlora/cpu/parallel.hpp"
 
 namespace qlora::cpu {
 
@@ -36,7 +37,7 @@ inline Dst convert_one(Src x) {
 // y[i] = Dst(x[i]); Src, Dst in {float, double, bf16, f16}.
 template <class Src, class Dst>
 void convert(const Src* x, Dst* y, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) y[i] = detail::convert_one<Dst>(x[i]);
 }
 
@@ -44,7 +45,7 @@ void convert(const Src* x, Dst* y, std::int64_t n) {
 template <class T>
 void fill(T* y, std::int64_t n, float value) {
   const T v = detail::convert_one<T>(value);
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) y[i] = v;
 }
 

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 inline constexpr std::int32_t ignore_index = -100;
@@ -16,7 +18,7 @@ inline constexpr std::int32_t ignore_index = -100;
 template <class T>
 void cross_entropy_forward(const T* logits, const std::int32_t* targets, T* losses, T* lse, std::int64_t rows,
                            std::int64_t vocab) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * vocab))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* lr = logits + r * vocab;
     T max = lr[0];
@@ -34,7 +36,7 @@ void cross_entropy_forward(const T* logits, const std::int32_t* targets, T* loss
 template <class T>
 void cross_entropy_backward(const T* logits, const std::int32_t* targets, const T* lse, float grad_scale,
                             T* dlogits, std::int64_t rows, std::int64_t vocab) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * vocab))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* lr = logits + r * vocab;
     T* dr = dlogits + r * vocab;

@@ -5,30 +5,32 @@
 #include <cmath>
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 template <class T>
 void add(const T* a, const T* b, T* y, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
 }
 
 template <class T>
 void mul(const T* a, const T* b, T* y, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) y[i] = a[i] * b[i];
 }
 
 template <class T>
 void scale(const T* x, float s, T* y, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) y[i] = T(s) * x[i];
 }
 
 // y += alpha * x (accumulates into y).
 template <class T>
 void axpy(float alpha, const T* x, T* y, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) y[i] += T(alpha) * x[i];
 }
 
@@ -44,7 +46,7 @@ T silu(T x) {
 
 template <class T>
 void silu_forward(const T* x, T* y, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) y[i] = silu(x[i]);
 }
 
@@ -57,14 +59,14 @@ T silu_derivative(T x) {
 
 template <class T>
 void silu_backward(const T* x, const T* dy, T* dx, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) dx[i] = dy[i] * silu_derivative(x[i]);
 }
 
 // SwiGLU (Shazeer 2020, the Llama MLP): y = silu(gate) * up.
 template <class T>
 void swiglu_forward(const T* gate, const T* up, T* y, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) y[i] = silu(gate[i]) * up[i];
 }
 
@@ -72,7 +74,7 @@ void swiglu_forward(const T* gate, const T* up, T* y, std::int64_t n) {
 // written, so dgate may alias gate and dup may alias up.
 template <class T>
 void swiglu_backward(const T* gate, const T* up, const T* dy, T* dgate, T* dup, std::int64_t n) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i) {
     const T g = gate[i], u = up[i], d = dy[i];
     dgate[i] = d * u * silu_derivative(g);

@@ -5,12 +5,14 @@
 
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 template <class T>
 void embedding_forward(const T* table, const std::int32_t* ids, T* y, std::int64_t n, std::int64_t vocab,
                        std::int64_t dim) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n * dim))
   for (std::int64_t t = 0; t < n; ++t) {
     const std::int64_t id = ids[t];
     if (id < 0 || id >= vocab) continue;

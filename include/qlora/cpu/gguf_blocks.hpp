@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "qlora/core/half.hpp"
+#include "qlora/cpu/parallel.hpp"
 
 namespace qlora::cpu {
 
@@ -36,7 +37,7 @@ static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(Block
 
 // y[0, n_blocks * 32) from n_blocks blocks.
 inline void dequantize_q8_0(const BlockQ8_0* blocks, float* y, std::int64_t n_blocks) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n_blocks * 32))
   for (std::int64_t b = 0; b < n_blocks; ++b) {
     const float d = to_float(blocks[b].d);
     for (int j = 0; j < 32; ++j) y[b * 32 + j] = d * float(blocks[b].q[j]);
@@ -44,7 +45,7 @@ inline void dequantize_q8_0(const BlockQ8_0* blocks, float* y, std::int64_t n_bl
 }
 
 inline void dequantize_q4_0(const BlockQ4_0* blocks, float* y, std::int64_t n_blocks) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n_blocks * 32))
   for (std::int64_t b = 0; b < n_blocks; ++b) {
     const float d = to_float(blocks[b].d);
     for (int j = 0; j < 16; ++j) {
@@ -55,7 +56,7 @@ inline void dequantize_q4_0(const BlockQ4_0* blocks, float* y, std::int64_t n_bl
 }
 
 inline void dequantize_q4_1(const BlockQ4_1* blocks, float* y, std::int64_t n_blocks) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n_blocks * 32))
   for (std::int64_t b = 0; b < n_blocks; ++b) {
     const float d = to_float(blocks[b].d), m = to_float(blocks[b].m);
     for (int j = 0; j < 16; ++j) {
@@ -67,7 +68,7 @@ inline void dequantize_q4_1(const BlockQ4_1* blocks, float* y, std::int64_t n_bl
 
 // Symmetric 8-bit: d = max|x| / 127, q = round(x / d) (ggml quantize_row_q8_0_ref).
 inline void quantize_q8_0(const float* x, BlockQ8_0* blocks, std::int64_t n_blocks) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n_blocks * 32))
   for (std::int64_t b = 0; b < n_blocks; ++b) {
     const float* xb = x + b * 32;
     float amax = 0.0f;
@@ -82,7 +83,7 @@ inline void quantize_q8_0(const float* x, BlockQ8_0* blocks, std::int64_t n_bloc
 // Asymmetric 4-bit: m = min x, d = (max - min) / 15, q = min(15, trunc((x - m) / d + 0.5))
 // (ggml quantize_row_q4_1_ref).
 inline void quantize_q4_1(const float* x, BlockQ4_1* blocks, std::int64_t n_blocks) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n_blocks * 32))
   for (std::int64_t b = 0; b < n_blocks; ++b) {
     const float* xb = x + b * 32;
     float lo = std::numeric_limits<float>::max(), hi = -std::numeric_limits<float>::max();

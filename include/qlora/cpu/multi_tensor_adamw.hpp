@@ -26,6 +26,7 @@
 
 #include "qlora/core/error.hpp"
 #include "qlora/core/half.hpp"  // QLORA_HD
+#include "qlora/cpu/parallel.hpp"
 
 namespace qlora::cpu {
 
@@ -116,9 +117,12 @@ template <class T>
 void multi_tensor_adamw(const AdamWTensor<T>* tensors, const TensorChunk* chunks, std::int64_t num_chunks,
                         const AdamWFactors<T>& factors) {
   using Array = Eigen::Array<T, Eigen::Dynamic, 1>;
-  std::int64_t longest = 0;
-  for (std::int64_t c = 0; c < num_chunks; ++c) longest = std::max(longest, chunks[c].end - chunks[c].begin);
-#pragma omp parallel
+  std::int64_t longest = 0, total = 0;
+  for (std::int64_t c = 0; c < num_chunks; ++c) {
+    longest = std::max(longest, chunks[c].end - chunks[c].begin);
+    total += chunks[c].end - chunks[c].begin;
+  }
+#pragma omp parallel if (qlora::cpu::worth_parallel(total))
   {
     Array sqrt_v(longest);
 #pragma omp for schedule(static)

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 // alpha is a double so that the float64 reference path keeps 1/p exact to double precision.
@@ -19,7 +21,7 @@ namespace qlora::cpu {
 template <class T>
 void group_sum(const T* x, T* y, std::int64_t rows, std::int64_t cols, std::int64_t group, double alpha) {
   const std::int64_t out_cols = cols / group;
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     for (std::int64_t j = 0; j < out_cols; ++j) {
       const T* xg = x + r * cols + j * group;
@@ -33,7 +35,7 @@ void group_sum(const T* x, T* y, std::int64_t rows, std::int64_t cols, std::int6
 template <class T>
 void repeat_add(const T* h, T* y, std::int64_t rows, std::int64_t cols, std::int64_t group, double alpha) {
   const std::int64_t in_cols = cols / group;
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t i = 0; i < cols; ++i) y[r * cols + i] += T(alpha) * h[r * in_cols + i / group];
 }

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "qlora/core/half.hpp"
+#include "qlora/cpu/parallel.hpp"
 #include "qlora/cpu/quant_int.hpp"
 #include "qlora/cpu/quant_nf4.hpp"
 #include "qlora/cpu/quant_pack.hpp"
@@ -28,7 +29,7 @@ void gemv_packed(const std::uint8_t* codes, int bits, std::int64_t rows, std::in
                  GroupDecoder decode_group, const T* x, std::int64_t batch, T* y) {
   const std::int64_t gpr = (cols + group - 1) / group;
   const std::int64_t stride = packed_row_bytes(cols, bits);
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols * batch))
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::uint8_t* row = codes + r * stride;
     float levels[256];

@@ -21,6 +21,7 @@
 
 #include "qlora/core/half.hpp"
 #include "qlora/cpu/convert.hpp"
+#include "qlora/cpu/parallel.hpp"
 #include "qlora/cpu/quant_fp.hpp"
 #include "qlora/cpu/quant_pack.hpp"
 
@@ -174,7 +175,7 @@ void quantize_int_rows(IntKind kind, int bits, bool mse_search, const float* w, 
                        std::int64_t group, std::uint8_t* codes, f16* scales, ZeroT* zeros) {
   const std::int64_t gpr = (cols + group - 1) / group;
   const std::int64_t stride = packed_row_bytes(cols, bits);
-#pragma omp parallel
+#pragma omp parallel if (qlora::cpu::worth_parallel(rows * cols))
   {
     std::vector<std::uint8_t> row_codes(static_cast<std::size_t>(cols));
 #pragma omp for
@@ -206,7 +207,7 @@ void dequantize_int_rows(IntKind kind, int bits, const std::uint8_t* codes, cons
                          std::int64_t rows, std::int64_t cols, std::int64_t group, T* out) {
   const std::int64_t gpr = (cols + group - 1) / group;
   const std::int64_t stride = packed_row_bytes(cols, bits);
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::uint8_t* row = codes + r * stride;
     for (std::int64_t g = 0; g < gpr; ++g) {

@@ -21,6 +21,7 @@
 
 #include "qlora/core/half.hpp"
 #include "qlora/cpu/convert.hpp"
+#include "qlora/cpu/parallel.hpp"
 #include "qlora/cpu/quant_fp.hpp"
 #include "qlora/cpu/quant_pack.hpp"
 
@@ -75,7 +76,7 @@ inline void quantize_nf4_rows(const float* w, std::int64_t rows, std::int64_t co
                               std::uint8_t* codes, float* absmax) {
   const std::int64_t gpr = (cols + group - 1) / group;
   const std::int64_t stride = packed_row_bytes(cols, 4);
-#pragma omp parallel
+#pragma omp parallel if (qlora::cpu::worth_parallel(rows * cols))
   {
     std::vector<std::uint8_t> row_codes(static_cast<std::size_t>(cols));
 #pragma omp for
@@ -100,7 +101,7 @@ inline float double_quant_mean(const float* absmax, std::int64_t n) {
 inline void double_quant_encode(const float* absmax, std::int64_t n, float mean, std::uint8_t* codes,
                                 float* block_scales) {
   const std::int64_t blocks = (n + kNf4DoubleQuantBlock - 1) / kNf4DoubleQuantBlock;
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t b = 0; b < blocks; ++b) {
     const std::int64_t begin = b * kNf4DoubleQuantBlock, end = std::min(begin + kNf4DoubleQuantBlock, n);
     float scale = 0.f;
@@ -121,7 +122,7 @@ QLORA_HD float double_quant_decode_one(std::uint8_t code, float block_scale, flo
 
 inline void double_quant_decode(const std::uint8_t* codes, const float* block_scales, float mean, std::int64_t n,
                                 float* absmax) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(n))
   for (std::int64_t i = 0; i < n; ++i)
     absmax[i] = double_quant_decode_one(codes[i], block_scales[i / kNf4DoubleQuantBlock], mean);
 }
@@ -133,7 +134,7 @@ void dequantize_nf4_rows(const std::uint8_t* codes, const float* absmax, std::in
                          std::int64_t group, T* out) {
   const std::int64_t gpr = (cols + group - 1) / group;
   const std::int64_t stride = packed_row_bytes(cols, 4);
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const std::uint8_t* row = codes + r * stride;
     for (std::int64_t g = 0; g < gpr; ++g) {

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "qlora/core/half.hpp"  // QLORA_HD: the per-element helpers are callable from CUDA kernels
+#include "qlora/cpu/parallel.hpp"
 
 namespace qlora::cpu {
 
@@ -56,14 +57,14 @@ inline void unpack_codes_row(const std::uint8_t* row, std::int64_t cols, int bit
 inline void pack_codes(const std::uint8_t* codes, std::int64_t rows, std::int64_t cols, int bits,
                        std::uint8_t* packed) {
   const std::int64_t stride = packed_row_bytes(cols, bits);
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) pack_codes_row(codes + r * cols, cols, bits, packed + r * stride);
 }
 
 inline void unpack_codes(const std::uint8_t* packed, std::int64_t rows, std::int64_t cols, int bits,
                          std::uint8_t* codes) {
   const std::int64_t stride = packed_row_bytes(cols, bits);
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) unpack_codes_row(packed + r * stride, cols, bits, codes + r * cols);
 }
 

@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 template <class T>
 void row_sum(const T* x, T* y, std::int64_t rows, std::int64_t cols) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * cols;
     double sum = 0;
@@ -20,7 +22,7 @@ void row_sum(const T* x, T* y, std::int64_t rows, std::int64_t cols) {
 
 template <class T>
 void row_max(const T* x, T* y, std::int64_t rows, std::int64_t cols) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * cols;
     T best = xr[0];
@@ -31,7 +33,7 @@ void row_max(const T* x, T* y, std::int64_t rows, std::int64_t cols) {
 
 template <class T>
 void row_mean(const T* x, T* y, std::int64_t rows, std::int64_t cols) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * cols;
     double sum = 0;

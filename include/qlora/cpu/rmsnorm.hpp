@@ -5,12 +5,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 // x, y: (rows, cols); w: (cols); rstd: (rows), saved for the backward.
 template <class T>
 void rmsnorm_forward(const T* x, const T* w, T* y, T* rstd, std::int64_t rows, std::int64_t cols, float eps) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * cols;
     T* yr = y + r * cols;
@@ -31,7 +33,7 @@ void rmsnorm_backward(const T* x, const T* w, const T* rstd, const T* dy, T* dx,
   // dw first, so that dx may alias dy. Column-wise so each thread owns its dw_j: no races, and a
   // sum that does not depend on the thread count.
   if (dw != nullptr) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
     for (std::int64_t j = 0; j < cols; ++j) {
       double sum = 0;
       for (std::int64_t r = 0; r < rows; ++r) {
@@ -40,7 +42,7 @@ void rmsnorm_backward(const T* x, const T* w, const T* rstd, const T* dy, T* dx,
       dw[j] += T(sum);
     }
   }
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * cols;
     const T* dyr = dy + r * cols;

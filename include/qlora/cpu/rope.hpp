@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 namespace detail {
@@ -17,7 +19,7 @@ template <class T>
 void rope_rotate(T* x, const float* inv_freq, std::int64_t batch, std::int64_t seq, std::int64_t heads,
                  std::int64_t head_dim, std::int64_t pos_offset, int direction) {
   const std::int64_t half = head_dim / 2;
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(batch * seq * heads * head_dim))
   for (std::int64_t bt = 0; bt < batch * seq; ++bt) {
     const std::int64_t pos = pos_offset + bt % seq;
     for (std::int64_t i = 0; i < half; ++i) {

@@ -5,13 +5,15 @@
 #include <cmath>
 #include <cstdint>
 
+#include "qlora/cpu/parallel.hpp"
+
 namespace qlora::cpu {
 
 // y_j = exp(x_j - max) / sum_k exp(x_k - max): subtracting the row max leaves the result unchanged
 // and keeps every exponent <= 0, so nothing overflows. y may alias x.
 template <class T>
 void softmax_forward(const T* x, T* y, std::int64_t rows, std::int64_t cols) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * cols;
     T* yr = y + r * cols;
@@ -30,7 +32,7 @@ void softmax_forward(const T* x, T* y, std::int64_t rows, std::int64_t cols) {
 // The softmax Jacobian is diag(y) - y y^T, so dx = y * (dy - sum_j dy_j y_j). dx may alias dy.
 template <class T>
 void softmax_backward(const T* y, const T* dy, T* dx, std::int64_t rows, std::int64_t cols) {
-#pragma omp parallel for
+#pragma omp parallel for if (qlora::cpu::worth_parallel(rows * cols))
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* yr = y + r * cols;
     const T* dyr = dy + r * cols;

@@ -1,0 +1,281 @@
+#pragma once
+// Exporting a model (and its trained adapter) to formats other tools load (docs/export.md):
+//   export_peft  PEFT LoRA adapter: adapter_model.safetensors + adapter_config.json (every LowRank adapter,
+//                Q-BLoRA and QA-(B)LoRA included, as its equivalent plain LoRA of rank r' via plain_lora())
+//   export_hf    merged Hugging Face checkpoint: model.safetensors (W + dW per linear) + config.json
+//                (+ the source's tokenizer files)
+//   export_gguf  merged llama.cpp GGUF (F16 / Q8_0 / Q4_1 matrices, F32 norms), q/k rows interleaved,
+//                tokenizer.ggml.* from the source vocabulary when there is one
+// Every output is built under a temporary name and renamed when complete (io/atomic_write.hpp).
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "models/llama/model.hpp"
+#include "qlora/io/atomic_write.hpp"
+#include "qlora/io/gguf.hpp"
+#include "qlora/io/hf_config.hpp"
+#include "qlora/io/safetensors.hpp"
+#include "qlora/io/tokenizer_llama2c.hpp"
+#include "qlora/io/tokenizer_load.hpp"
+
+namespace qlora::train {
+
+namespace detail {
+
+// The block linears in file order: layer by layer, all_block_linears() order within a layer.
+inline std::vector<const nn::Linear*> block_linears(models::llama::Model& model) {
+  std::vector<const nn::Linear*> out;
+  for (std::int64_t i = 0; i < model.num_layers(); ++i)
+    for (std::size_t p = 0; p < models::llama::all_block_linears().size(); ++p)
+      out.push_back(&model.block(i).linear(models::llama::DecoderBlock::Proj(p)));
+  return out;
+}
+
+// "model.layers.3.self_attn.q_proj" -> "q_proj".
+inline std::string short_name(const std::string& layer) { return layer.substr(layer.rfind('.') + 1); }
+
+// Every tensor of the merged model under its HF name, in llama_tensor_specs() order (f32, CPU, HF q/k rows).
+inline std::vector<std::pair<std::string, Tensor>> merged_hf_tensors(models::llama::Model& model) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  const auto host = [](const Tensor& t) { return t.to(Device::cpu()).to(DType::f32); };
+  out.emplace_back("model.embed_tokens.weight", host(model.embedding()));
+  for (std::int64_t i = 0; i < model.num_layers(); ++i) {
+    auto& block = model.block(i);
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    out.emplace_back(p + "input_layernorm.weight", host(block.input_norm()));
+    out.emplace_back(p + "post_attention_layernorm.weight", host(block.post_norm()));
+    for (std::size_t k = 0; k < models::llama::all_block_linears().size(); ++k) {
+      const nn::Linear& linear = block.linear(models::llama::DecoderBlock::Proj(k));
+      out.emplace_back(linear.name() + ".weight", linear.merged_weight(DType::f32));
+    }
+  }
+  out.emplace_back("model.norm.weight", host(model.final_norm()));
+  if (!model.tied_head()) out.emplace_back("lm_head.weight", host(model.head_weight()));
+  return out;
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------- PEFT
+
+// adapter_config.json's base_model_name_or_path.
+struct PeftExportOptions {
+  std::string base_model_name_or_path;
+};
+
+// PEFT's tensor name for a layer's A or B: "base_model.model.<layer>.lora_A.weight".
+inline std::string peft_key(const std::string& layer, char which) {
+  return "base_model.model." + layer + ".lora_" + std::string(1, which) + ".weight";
+}
+
+// Writes OUT/adapter_model.safetensors (f32) and OUT/adapter_config.json. PEFT computes scaling =
+// lora_alpha / r, so r = r' (the plain rank) and lora_alpha = s * r'; layers whose r' or s differ from the
+// first adapter's go into rank_pattern / alpha_pattern (QA-BLoRA's rank may vary with the layer shape).
+// A FullPooled (hira) adapter is not a low-rank update: refused.
+inline void export_peft(models::llama::Model& model, const std::filesystem::path& out_dir,
+                        const PeftExportOptions& options = {}) {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  std::vector<std::string> targets;
+  nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object(), alpha_pattern = nlohmann::ordered_json::object();
+  std::int64_t rank = 0;
+  double alpha = 0;
+  for (const nn::Linear* linear : detail::block_linears(model)) {
+    const nn::AdapterShape shape = linear->adapter_shape();
+    if (shape.kind == nn::AdapterKind::none) continue;
+    QLORA_CHECK(!shape.full_matrix(), "export to peft: " + linear->name() + " carries a " +
+                                          std::string(nn::adapter_kind_name(shape.kind)) +
+                                          " adapter (one full pooled matrix), which is not a LoRA; export it merged "
+                                          "(--to hf or gguf-*) instead");
+    const std::optional<nn::PlainLora> lora = linear->plain_lora();
+    QLORA_CHECK(lora.has_value(), "export to peft: " + linear->name() + " has no low-rank form");
+    const std::int64_t r = lora->A.dim(0);
+    const double a = double(lora->scale) * double(r);
+    if (rank == 0) rank = r, alpha = a;
+    if (r != rank) rank_pattern[linear->name()] = r;
+    if (a != alpha) alpha_pattern[linear->name()] = a;
+    tensors.emplace_back(peft_key(linear->name(), 'A'), lora->A.to(DType::f32));
+    tensors.emplace_back(peft_key(linear->name(), 'B'), lora->B.to(DType::f32));
+    const std::string target = detail::short_name(linear->name());
+    if (std::find(targets.begin(), targets.end(), target) == targets.end()) targets.push_back(target);
+  }
+  QLORA_CHECK(!tensors.empty(), "export to peft: the model carries no adapter (pass --adapter DIR)");
+  const nlohmann::ordered_json config = {
+      {"peft_type", "LORA"},
+      {"task_type", "CAUSAL_LM"},
+      {"base_model_name_or_path", options.base_model_name_or_path},
+      {"r", rank},
+      {"lora_alpha", alpha},
+      {"lora_dropout", 0.0},
+      {"target_modules", targets},
+      {"bias", "none"},
+      {"fan_in_fan_out", false},
+      {"inference_mode", true},
+      {"init_lora_weights", true},
+      {"modules_to_save", nullptr},
+      {"rank_pattern", rank_pattern},
+      {"alpha_pattern", alpha_pattern},
+  };
+  io::AtomicDirectory out(out_dir);
+  io::write_safetensors(out.path() / "adapter_model.safetensors", tensors, {{"format", "pt"}});
+  io::write_file_atomically(out.path() / "adapter_config.json", config.dump(2) + "\n");
+  out.commit();
+}
+
+// ------------------------------------------------------------------------------------------------ HF
+
+// The files of a Hugging Face tokenizer that an export copies when the source directory has them.
+inline const std::vector<std::string>& hf_tokenizer_files() {
+  static const std::vector<std::string> names = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                                                 "special_tokens_map.json", "generation_config.json"};
+  return names;
+}
+
+// Writes OUT/model.safetensors (merged weights in dtype f32 / bf16 / f16, HF q/k convention), OUT/config.json
+// and the tokenizer files of source_dir (a HF directory; empty: none). Returns the tokenizer files copied.
+inline std::vector<std::string> export_hf(models::llama::Model& model, const std::filesystem::path& out_dir,
+                                          DType dtype = DType::bf16, const std::filesystem::path& source_dir = {}) {
+  QLORA_CHECK(dtype == DType::f32 || dtype == DType::bf16 || dtype == DType::f16,
+              "export to hf: dtype " + std::string(dtype_name(dtype)) + " is not supported (f32, bf16 or f16)");
+  io::LlamaConfig config = model.config();
+  config.torch_dtype = dtype == DType::f32 ? "float32" : dtype == DType::bf16 ? "bfloat16" : "float16";
+  auto tensors = detail::merged_hf_tensors(model);
+  for (auto& [name, t] : tensors) t = t.to(dtype);
+  io::AtomicDirectory out(out_dir);
+  io::write_safetensors(out.path() / "model.safetensors", tensors, {{"format", "pt"}});
+  io::write_hf_config(out.path() / "config.json", config);
+  std::vector<std::string> copied;
+  if (!source_dir.empty() && std::filesystem::is_directory(source_dir))
+    for (const std::string& name : hf_tokenizer_files())
+      if (std::filesystem::exists(source_dir / name)) {
+        std::filesystem::copy_file(source_dir / name, out.path() / name);
+        copied.push_back(name);
+      }
+  out.commit();
+  return copied;
+}
+
+// ---------------------------------------------------------------------------------------------- GGUF
+
+// A vocabulary to embed as tokenizer.ggml.*.
+struct GgufVocabulary {
+  io::GgufTokenizerData data;
+  bool add_space_prefix = true;
+};
+
+// The vocabulary of a tokenizer file, when it can be embedded: a GGUF file's own (copied) or a llama2.c
+// tokenizer.bin (pieces, scores and types: tokenizer.ggml.model "llama"). nullopt for Hugging Face
+// tokenizer.model / tokenizer.json (not converted: docs/export.md).
+inline std::optional<GgufVocabulary> gguf_vocabulary_of(const std::filesystem::path& tokenizer) {
+  if (tokenizer.empty() || std::filesystem::is_directory(tokenizer)) return std::nullopt;
+  const io::TokenizerFileKind kind = io::tokenizer_file_kind(tokenizer);
+  GgufVocabulary v;
+  if (kind == io::TokenizerFileKind::gguf) {
+    const io::GgufFile file(tokenizer);
+    if (!file.has("tokenizer.ggml.model")) return std::nullopt;
+    v.data = io::gguf_tokenizer(file);
+    v.add_space_prefix = file.find_bool("tokenizer.ggml.add_space_prefix").value_or(true);
+    return v;
+  }
+  if (kind != io::TokenizerFileKind::llama2c) return std::nullopt;
+  const io::ScoreMergeVocabulary sm = io::parse_llama2c_tokenizer(io::detail::read_tokenizer_file(tokenizer.string()), tokenizer.string());
+  v.data.model = "llama";
+  v.data.tokens = sm.pieces;
+  v.data.scores = sm.scores;
+  for (io::TokenType t : sm.types) v.data.token_types.push_back(std::int32_t(t));
+  if (sm.bos_id >= 0) v.data.bos_id = sm.bos_id;
+  if (sm.eos_id >= 0) v.data.eos_id = sm.eos_id;
+  if (sm.unk_id >= 0) v.data.unknown_id = sm.unk_id;
+  v.data.add_bos = true;
+  v.data.add_eos = false;
+  v.add_space_prefix = sm.add_dummy_prefix;
+  return v;
+}
+
+// general.file_type as llama.cpp numbers it (enum llama_ftype: 1 MOSTLY_F16, 3 MOSTLY_Q4_1, 7 MOSTLY_Q8_0).
+inline std::uint32_t gguf_file_type(io::GgmlType type) {
+  switch (type) {
+    case io::GgmlType::F32: return 0;
+    case io::GgmlType::F16: return 1;
+    case io::GgmlType::Q4_1: return 3;
+    case io::GgmlType::Q8_0: return 7;
+    case io::GgmlType::BF16: return 32;
+    default: throw Error("export to gguf: matrix type " + io::ggml_type_name(std::uint32_t(type)) +
+                         " is not supported (F32, F16, BF16, Q8_0 or Q4_1)");
+  }
+}
+
+// Writes a llama-architecture GGUF of the merged model: matrices as `matrix_type` (a matrix whose rows are
+// not a multiple of 32 values falls back to F16, as llama.cpp's quantize does), norms F32, q/k rows
+// permuted to llama.cpp's interleaved order, and the vocabulary when given.
+inline void export_gguf(models::llama::Model& model, const std::filesystem::path& out_file, io::GgmlType matrix_type,
+                        const std::optional<GgufVocabulary>& vocabulary = std::nullopt, const std::string& name = "") {
+  const io::LlamaConfig& c = model.config();
+  QLORA_CHECK(!c.rope_scaling || c.rope_scaling->type == "linear",
+              "export to gguf: rope_scaling '" + (c.rope_scaling ? c.rope_scaling->type : std::string()) +
+                  "' is not supported (none or linear)");
+  io::GgufWriter w;
+  using V = io::GgufValue;
+  w.set("general.architecture", V::string("llama"));
+  if (!name.empty()) w.set("general.name", V::string(name));
+  w.set("general.file_type", V::u32(gguf_file_type(matrix_type)));
+  w.set("llama.vocab_size", V::u32(std::uint32_t(c.vocab_size)));
+  w.set("llama.context_length", V::u32(std::uint32_t(c.max_position_embeddings)));
+  w.set("llama.embedding_length", V::u32(std::uint32_t(c.hidden_size)));
+  w.set("llama.block_count", V::u32(std::uint32_t(c.num_hidden_layers)));
+  w.set("llama.feed_forward_length", V::u32(std::uint32_t(c.intermediate_size)));
+  w.set("llama.rope.dimension_count", V::u32(std::uint32_t(c.head_dim)));
+  w.set("llama.attention.head_count", V::u32(std::uint32_t(c.num_attention_heads)));
+  w.set("llama.attention.head_count_kv", V::u32(std::uint32_t(c.num_key_value_heads)));
+  if (c.head_dim * c.num_attention_heads != c.hidden_size) {
+    w.set("llama.attention.key_length", V::u32(std::uint32_t(c.head_dim)));
+    w.set("llama.attention.value_length", V::u32(std::uint32_t(c.head_dim)));
+  }
+  w.set("llama.attention.layer_norm_rms_epsilon", V::f32(float(c.rms_norm_eps)));
+  w.set("llama.rope.freq_base", V::f32(float(c.rope_theta)));
+  if (c.rope_scaling) {
+    w.set("llama.rope.scaling.type", V::string("linear"));
+    w.set("llama.rope.scaling.factor", V::f32(float(c.rope_scaling->factor)));
+  }
+  if (vocabulary) {
+    const io::GgufTokenizerData& t = vocabulary->data;
+    QLORA_CHECK(std::int64_t(t.tokens.size()) == c.vocab_size,
+                "export to gguf: the tokenizer holds " + std::to_string(t.tokens.size()) +
+                    " tokens but the model's vocab_size is " + std::to_string(c.vocab_size));
+    w.set("tokenizer.ggml.model", V::string(t.model));
+    if (!t.pre.empty()) w.set("tokenizer.ggml.pre", V::string(t.pre));
+    w.set("tokenizer.ggml.tokens", V::strings(t.tokens));
+    if (!t.scores.empty()) w.set("tokenizer.ggml.scores", V::f32s(t.scores));
+    if (!t.token_types.empty()) w.set("tokenizer.ggml.token_type", V::i32s(t.token_types));
+    if (!t.merges.empty()) w.set("tokenizer.ggml.merges", V::strings(t.merges));
+    if (t.bos_id) w.set("tokenizer.ggml.bos_token_id", V::u32(std::uint32_t(*t.bos_id)));
+    if (t.eos_id) w.set("tokenizer.ggml.eos_token_id", V::u32(std::uint32_t(*t.eos_id)));
+    if (t.unknown_id) w.set("tokenizer.ggml.unknown_token_id", V::u32(std::uint32_t(*t.unknown_id)));
+    if (t.padding_id) w.set("tokenizer.ggml.padding_token_id", V::u32(std::uint32_t(*t.padding_id)));
+    if (t.add_bos) w.set("tokenizer.ggml.add_bos_token", V::boolean(*t.add_bos));
+    if (t.add_eos) w.set("tokenizer.ggml.add_eos_token", V::boolean(*t.add_eos));
+    if (t.model == "llama") w.set("tokenizer.ggml.add_space_prefix", V::boolean(vocabulary->add_space_prefix));
+  }
+  for (auto& [hf_name, tensor] : detail::merged_hf_tensors(model)) {
+    const std::optional<std::string> gguf_name = io::hf_to_gguf_name(hf_name);
+    QLORA_CHECK(gguf_name.has_value(), "export to gguf: no llama.cpp name for tensor " + hf_name);
+    Tensor t = tensor;
+    // convert_hf_to_gguf.py's permute(): q over head_count heads, k over head_count_kv heads.
+    if (hf_name.ends_with("self_attn.q_proj.weight")) t = io::rope_rows_half_to_interleaved(t, c.num_attention_heads, hf_name);
+    if (hf_name.ends_with("self_attn.k_proj.weight")) t = io::rope_rows_half_to_interleaved(t, c.num_key_value_heads, hf_name);
+    io::GgmlType type = io::GgmlType::F32;
+    if (t.rank() == 2) {
+      type = matrix_type;
+      const bool blocked = type == io::GgmlType::Q8_0 || type == io::GgmlType::Q4_1;
+      if (blocked && t.shape().last() % cpu::kGgufBlockValues != 0) type = io::GgmlType::F16;
+    }
+    w.add_tensor(*gguf_name, t, type);
+  }
+  w.write(out_file);
+}
+
+}  // namespace qlora::train

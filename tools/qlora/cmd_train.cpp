@@ -1,0 +1,207 @@
+// qlora train MODEL --data FILE [--format alpaca|jsonl|text] --adapter lora|qblora|qalora|qablora|hira
+//             --rank R --alpha A [--quant nf4|intB-gG|dint4-gG|none] --steps N --lr LR --batch B
+//             --micro-batch M [--seq-len L] --out DIR [--resume DIR] [--device cpu|cuda] [--seed S] ...
+// Loads the model, quantizes its block linears on the fly, attaches adapters and trains them
+// (include/qlora/train/trainer.hpp). Everything that can be wrong with the input (model, tokenizer, data,
+// flags) is checked before OUT is created, so a failed start leaves no output directory behind.
+// OUT holds checkpoints/, metrics.jsonl, loss.svg, summary.json and, at the end, adapter/.
+
+#include <fmt/core.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "commands.hpp"
+#include "model_options.hpp"
+#include "qlora/core/cpu_allocator.hpp"
+#include "qlora/train/instruction_data.hpp"
+#include "qlora/train/text_data.hpp"
+#include "qlora/train/trainer.hpp"
+
+namespace qlora::tool {
+namespace {
+
+struct TrainFlags {
+  std::string model, data, format = "alpaca", adapter = "qblora", quant = "nf4", init = "default", objective = "sft";
+  std::string out, resume, device = "cpu", tokenizer, schedule = "constant", targets;
+  int rank = 64;
+  float alpha = 16.f, dropout = 0.f;
+  int pool = 0, repeat = 0;
+  std::int64_t steps = 100, batch = 16, micro_batch = 4, seq_len = 512, source_max_len = 384, target_max_len = 128;
+  std::int64_t warmup = 0, save_every = 0, eval_every = 0, eval_count = 0, log_every = 1;
+  double lr = 2e-4, weight_decay = 0.0, max_grad_norm = 0.3;
+  std::uint64_t seed = 42;
+  bool group_by_length = false, checkpointing = false, skip_nonfinite = false, train_on_source = false;
+};
+
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> parts;
+  std::stringstream in(s);
+  for (std::string part; std::getline(in, part, ',');)
+    if (!part.empty()) parts.push_back(part);
+  return parts;
+}
+
+std::vector<train::Example> load_examples(const TrainFlags& f, const io::Tokenizer& tokenizer, std::int64_t context) {
+  std::vector<train::Example> examples;
+  if (f.format == "text") {
+    if (f.seq_len > context)
+      throw Error("--seq-len " + std::to_string(f.seq_len) + " is longer than the model's context of " +
+                  std::to_string(context) + " tokens");
+    examples = train::text_windows(tokenizer, train::read_text_file(f.data), f.seq_len);
+    if (examples.empty())
+      throw Error(f.data + ": the text is shorter than one window of --seq-len " + std::to_string(f.seq_len) + " tokens");
+  } else {
+    const auto records = train::read_instruction_file(f.data, f.format);
+    const train::InstructionTokenization opt{f.source_max_len, f.target_max_len, f.train_on_source};
+    for (std::size_t i = 0; i < records.size(); ++i) {
+      examples.push_back(train::tokenize_instruction(tokenizer, records[i], opt));
+      if (std::int64_t(examples.back().size()) > context)
+        throw Error(f.data + ": record " + std::to_string(i) + " has " + std::to_string(examples.back().size()) +
+                    " tokens, longer than the model's context of " + std::to_string(context) +
+                    " (lower --source-max-len / --target-max-len)");
+    }
+  }
+  return examples;
+}
+
+void run_train(const TrainFlags& f) {
+  namespace fs = std::filesystem;
+  namespace ml = models::llama;
+  // ---- check everything before touching OUT ----
+  if (f.init != "default")
+    throw Error("--init " + f.init + " is not available yet (LoftQ and CLoQ initialisations are issue 9); use default");
+  if (f.objective != "sft")
+    throw Error("--objective " + f.objective + " is not available yet (RILQ and Teacher Intervention are issue 9); use sft");
+  if (f.format != "alpaca" && f.format != "jsonl" && f.format != "text")
+    throw Error("--format must be alpaca, jsonl or text, got '" + f.format + "'");
+  if (f.out.empty()) throw Error("--out DIR is required");
+  const bool resuming = !f.resume.empty();
+  if (resuming && fs::weakly_canonical(f.resume) != fs::weakly_canonical(f.out))
+    throw Error("--resume " + f.resume + " must be the run's own --out directory (" + f.out + ")");
+  if (!resuming && fs::exists(f.out) && !fs::is_empty(f.out))
+    throw Error("--out " + f.out + " exists and is not empty (use --resume " + f.out + " to continue that run)");
+  require_model_path(f.model);
+  if (!fs::exists(f.data)) throw Error("cannot open data " + f.data + ": no such file or directory");
+
+  ml::LoadOptions load;
+  load.device = parse_device(f.device);
+  load.quant = parse_quant(f.quant);
+  load.adapter.kind = nn::parse_adapter_kind(f.adapter);
+  if (load.adapter.kind == nn::AdapterKind::none) throw Error("--adapter none has nothing to train");
+  load.adapter.rank = f.rank;
+  load.adapter.alpha = f.alpha;
+  load.adapter.dropout = f.dropout;
+  load.adapter.pool = f.pool;
+  load.adapter.repeat = f.repeat;
+  if (!f.targets.empty()) load.targets = split_commas(f.targets);
+  load.seed = f.seed;
+  const auto tokenizer = open_tokenizer(f.model, f.tokenizer);
+  ml::Model model = ml::load_model(f.model, load);
+  model.checkpointing = f.checkpointing;
+  auto examples = load_examples(f, *tokenizer, model.config().max_position_embeddings);
+  std::vector<train::Example> eval_set;
+  if (f.eval_count > 0) std::tie(examples, eval_set) = train::split_holdout(std::move(examples), f.eval_count, f.seed);
+  const std::int32_t pad = tokenizer->pad_id() >= 0 ? tokenizer->pad_id() : std::max(tokenizer->eos_id(), 0);
+  train::DataLoader loader(std::move(examples), f.micro_batch, f.seed, f.group_by_length, pad);
+
+  train::TrainerConfig cfg;
+  cfg.steps = f.steps;
+  cfg.batch = f.batch;
+  cfg.micro_batch = f.micro_batch;
+  cfg.lr = f.lr;
+  cfg.schedule = f.schedule;
+  cfg.warmup_steps = f.warmup;
+  cfg.weight_decay = f.weight_decay;
+  cfg.max_grad_norm = f.max_grad_norm;
+  cfg.save_every = f.save_every;
+  cfg.eval_every = f.eval_every;
+  cfg.log_every = std::max<std::int64_t>(1, f.log_every);
+  cfg.skip_nonfinite = f.skip_nonfinite;
+  cfg.seed = f.seed;
+  cfg.out = f.out;
+  const train::AdapterDescription description{load.adapter, load.targets, f.quant, f.model};
+  cfg.run = {{"model", f.model},   {"data", f.data},     {"format", f.format}, {"adapter", description.to_json()},
+             {"batch", f.batch},   {"micro_batch", f.micro_batch}, {"lr", f.lr}, {"schedule", f.schedule},
+             {"seq_len", f.seq_len}, {"seed", f.seed},   {"steps", f.steps}};
+  cfg.peak_memory = [] { return CpuAllocator::instance().stats().peak_allocated_bytes; };
+#if defined(QLORA_WITH_CUDA)
+  if (!load.device.is_cpu())
+    cfg.peak_memory = [d = load.device.index] { return cuda::memory_stats(d).peak_allocated_bytes; };
+#endif
+  train::Trainer<ml::Model> trainer(model, loader, &eval_set, cfg);
+
+  // ---- inputs are good: now OUT ----
+  fs::create_directories(f.out);
+  if (resuming) trainer.resume(f.out);
+  fmt::print(stderr, "training {} adapters ({} parameters) on a {} base of {} ({} examples, {} steps)\n", f.adapter,
+             model.trainable_parameter_count(), f.quant, f.model, loader.size(), f.steps);
+  const train::TrainSummary summary = trainer.run();
+  train::save_adapter(fs::path(f.out) / "adapter", description, model.params());
+
+  // Loss curve from the whole metrics file (a resumed run's history included).
+  std::vector<std::pair<double, double>> train_curve, eval_curve;
+  std::ifstream metrics(fs::path(f.out) / "metrics.jsonl");
+  for (std::string line; std::getline(metrics, line);) {
+    const auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded()) continue;
+    if (j.contains("loss")) train_curve.emplace_back(j["step"].get<double>(), j["loss"].get<double>());
+    if (j.contains("eval_loss")) eval_curve.emplace_back(j["step"].get<double>(), j["eval_loss"].get<double>());
+  }
+  io::write_file_atomically(fs::path(f.out) / "loss.svg",
+                            train::loss_curve_svg(train_curve, eval_curve, f.adapter + " on " + f.quant + ": loss"));
+  nlohmann::json s = summary.to_json();
+  s["trainable_parameters"] = model.trainable_parameter_count();
+  s["adapter"] = description.to_json();
+  io::write_file_atomically(fs::path(f.out) / "summary.json", s.dump(2) + "\n");
+  fmt::print("{}\n", s.dump());
+}
+
+}  // namespace
+
+void register_train(CLI::App& app) {
+  auto f = std::make_shared<TrainFlags>();
+  CLI::App* cmd = app.add_subcommand("train", "Fine-tune adapters on a quantized base");
+  cmd->add_option("MODEL", f->model, "Hugging Face directory, .gguf file or llama2.c .bin")->required();
+  cmd->add_option("--data", f->data, "Training data file")->required();
+  cmd->add_option("--format", f->format, "alpaca (JSON/JSONL instruction, input, output), jsonl (prompt, completion) or text");
+  cmd->add_option("--tokenizer", f->tokenizer, "Tokenizer file (llama2.c: its tokenizer.bin)");
+  cmd->add_option("--adapter", f->adapter, "lora, qblora, qalora, qablora or hira");
+  cmd->add_option("--rank", f->rank, "Nominal adapter rank r");
+  cmd->add_option("--alpha", f->alpha, "Adapter scale numerator: s = alpha / r");
+  cmd->add_option("--dropout", f->dropout, "Dropout on the adapter input");
+  cmd->add_option("--pool", f->pool, "Override the preset's input pooling p");
+  cmd->add_option("--repeat", f->repeat, "Override the preset's output repeat k");
+  cmd->add_option("--targets", f->targets, "Comma-separated block linears (default: all seven)");
+  cmd->add_option("--quant", f->quant, "Base format: nf4, intB-gG, dint4-gG or none");
+  cmd->add_option("--init", f->init, "Adapter initialisation: default (loftq, cloq: not yet)");
+  cmd->add_option("--objective", f->objective, "sft (rilq, ti: not yet)");
+  cmd->add_option("--steps", f->steps, "Optimizer steps");
+  cmd->add_option("--lr", f->lr, "Peak learning rate");
+  cmd->add_option("--schedule", f->schedule, "constant, constant_with_warmup, linear or cosine");
+  cmd->add_option("--warmup", f->warmup, "Warm-up steps");
+  cmd->add_option("--weight-decay", f->weight_decay, "AdamW weight decay");
+  cmd->add_option("--max-grad-norm", f->max_grad_norm, "Global gradient-norm clipping (0: off)");
+  cmd->add_option("--batch", f->batch, "Examples per optimizer step");
+  cmd->add_option("--micro-batch", f->micro_batch, "Examples per forward/backward");
+  cmd->add_option("--seq-len", f->seq_len, "Window length for --format text");
+  cmd->add_option("--source-max-len", f->source_max_len, "Prompt tokens kept (instruction data)");
+  cmd->add_option("--target-max-len", f->target_max_len, "Response tokens kept (instruction data)");
+  cmd->add_flag("--train-on-source", f->train_on_source, "Also train on the prompt tokens");
+  cmd->add_flag("--group-by-length", f->group_by_length, "Batch examples of similar length together");
+  cmd->add_option("--eval-count", f->eval_count, "Held-out examples for the evaluation loss");
+  cmd->add_option("--eval-every", f->eval_every, "Evaluate every N steps (and at the end)");
+  cmd->add_option("--save-every", f->save_every, "Checkpoint every N steps (and at the end)");
+  cmd->add_option("--log-every", f->log_every, "Progress line every N steps");
+  cmd->add_flag("--checkpointing", f->checkpointing, "Recompute each block's activations in the backward");
+  cmd->add_flag("--skip-nonfinite", f->skip_nonfinite, "Skip steps with a NaN/Inf loss or gradient instead of stopping");
+  cmd->add_option("--out", f->out, "Run directory")->required();
+  cmd->add_option("--resume", f->resume, "Continue the run in this directory from its newest checkpoint");
+  cmd->add_option("--device", f->device, "cpu or cuda[:N]");
+  cmd->add_option("--seed", f->seed, "Seed of the adapter init, data order and dropout");
+  cmd->callback([f] { run_train(*f); });
+}
+
+}  // namespace qlora::tool
