@@ -12,6 +12,7 @@
 #include "models/llama/load.hpp"
 #include "qlora/ops/random.hpp"
 #include "support/random.hpp"
+#include "support/tiny_llama.hpp"
 
 using namespace qlora;
 using namespace qlora::models::llama;
@@ -20,19 +21,7 @@ namespace {
 
 const Device gpu = Device::cuda(0);
 
-Config tiny_config() {
-  Config c;
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.vocab_size = 37;
-  c.max_position_embeddings = 64;
-  c.rms_norm_eps = 1e-5;
-  return c;
-}
+using qlora::test::tiny_llama_config;
 
 // Random weights already rounded to `act` (so the bf16 run and its f32 CPU reference see the same values).
 TensorSource rounded_source(const Config& c, DType act) {
@@ -59,7 +48,7 @@ const std::vector<std::int32_t> kTargets = {5, 17, 33, 8, 2, -100, 30, 4, 4, 19,
 }  // namespace
 
 TEST_CASE("llama on cuda: logits, loss and adapter gradients match the CPU model") {
-  const Config c = tiny_config();
+  const Config c = tiny_llama_config();
   for (const std::string base : {"dense", "nf4"}) {
     for (const DType act : {DType::f32, DType::bf16}) {
       for (const bool checkpointing : {false, true}) {
@@ -105,7 +94,7 @@ TEST_CASE("llama on cuda: logits, loss and adapter gradients match the CPU model
 }
 
 TEST_CASE("llama on cuda: KV-cache decoding equals the device's full forward") {
-  const Config c = tiny_config();
+  const Config c = tiny_llama_config();
   for (const DType act : {DType::f32, DType::bf16}) {
     CAPTURE(std::string(dtype_name(act)));
     LoadOptions o;

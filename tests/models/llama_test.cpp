@@ -13,27 +13,14 @@
 #include "qlora/autograd/gradcheck.hpp"
 #include "qlora/ops/random.hpp"
 #include "support/random.hpp"
+#include "support/tiny_llama.hpp"
 
 using namespace qlora;
 using namespace qlora::models::llama;
 
 namespace {
 
-Config tiny_config() {
-  Config c;
-  c.hidden_size = 16;
-  c.intermediate_size = 24;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.vocab_size = 37;
-  c.max_position_embeddings = 64;
-  c.rms_norm_eps = 1e-5;
-  c.bos_token_id = 1;
-  c.eos_token_ids = {2};
-  return c;
-}
+using qlora::test::tiny_llama_config;
 
 LoadOptions f64_options(nn::AdapterKind kind, float dropout = 0.f) {
   LoadOptions o;
@@ -74,7 +61,7 @@ TEST_CASE("llama tiny model: finite differences of the loss w.r.t. adapters and 
     for (const bool checkpointing : {false, true}) {
       CAPTURE(std::string(nn::adapter_kind_name(kind)));
       CAPTURE(checkpointing);
-      Model m = random_model(tiny_config(), f64_options(kind), 7, 0.3f);
+      Model m = random_model(tiny_llama_config(), f64_options(kind), 7, 0.3f);
       m.checkpointing = checkpointing;
       m.loss_chunk_rows = 5;  // several chunks of the LM-head loss, one of them ragged
       randomize_adapters(m, 100);
@@ -102,7 +89,7 @@ TEST_CASE("llama tiny model: finite differences of the loss w.r.t. adapters and 
 }
 
 TEST_CASE("llama tiny model: the ids path equals the embedded path and the frozen weights get no gradient") {
-  Model m = random_model(tiny_config(), f64_options(nn::AdapterKind::lora), 7, 0.3f);
+  Model m = random_model(tiny_llama_config(), f64_options(nn::AdapterKind::lora), 7, 0.3f);
   randomize_adapters(m, 100);
   const Tensor ids = ids_tensor(kIds, 2), targets = ids_tensor(kTargets, 2);
   nn::Context ctx;
@@ -115,7 +102,7 @@ TEST_CASE("llama tiny model: the ids path equals the embedded path and the froze
   const auto gb = grads_of(m);
   for (std::size_t i = 0; i < ga.size(); ++i) CHECK(test::rel_error(ga[i], gb[i]) == 0.0);
   // Only adapter matrices are parameters: 7 linears x (A, B) x 2 blocks, with LoRA's counts.
-  const Config c = tiny_config();
+  const Config c = tiny_llama_config();
   const std::int64_t per_block = 2 * (c.hidden_size + c.q_dim()) + 2 * 2 * (c.hidden_size + c.kv_dim()) +
                                  2 * (c.q_dim() + c.hidden_size) + 2 * 2 * (c.hidden_size + c.intermediate_size) +
                                  2 * (c.intermediate_size + c.hidden_size);
@@ -128,7 +115,7 @@ TEST_CASE("llama tiny model: checkpointing gives the same gradients as keeping a
     std::vector<std::vector<double>> grads[2];
     double losses[2];
     for (const bool checkpointing : {false, true}) {
-      Model m = random_model(tiny_config(), f64_options(kind, 0.2f), 7, 0.3f);
+      Model m = random_model(tiny_llama_config(), f64_options(kind, 0.2f), 7, 0.3f);
       randomize_adapters(m, 100);
       m.checkpointing = checkpointing;
       nn::Context ctx;
@@ -145,13 +132,13 @@ TEST_CASE("llama tiny model: checkpointing gives the same gradients as keeping a
 
 TEST_CASE("llama tiny model: adapters at B = 0 give the base model's logits exactly") {
   LoadOptions base_options;
-  Model base = random_model(tiny_config(), base_options, 7, 0.3f);
+  Model base = random_model(tiny_llama_config(), base_options, 7, 0.3f);
   for (const nn::AdapterKind kind : {nn::AdapterKind::lora, nn::AdapterKind::qblora, nn::AdapterKind::hira}) {
     CAPTURE(std::string(nn::adapter_kind_name(kind)));
     LoadOptions o;
     o.adapter.kind = kind;
     o.adapter.rank = 4;
-    Model adapted = random_model(tiny_config(), o, 7, 0.3f);
+    Model adapted = random_model(tiny_llama_config(), o, 7, 0.3f);
     REQUIRE(adapted.trainable_parameter_count() > 0);
     const Tensor ids = ids_tensor(kIds, 2);
     const std::vector<float> a = adapted.logits(ids).to_vector<float>(), b = base.logits(ids).to_vector<float>();
@@ -167,7 +154,7 @@ TEST_CASE("llama tiny model: incremental decoding through the KV cache equals th
   LoadOptions o;
   o.adapter.kind = nn::AdapterKind::lora;
   o.adapter.rank = 2;
-  Model m = random_model(tiny_config(), o, 11, 0.3f);
+  Model m = random_model(tiny_llama_config(), o, 11, 0.3f);
   randomize_adapters(m, 3);
   const std::int64_t batch = 2, t = 6;
   const Tensor ids = ids_tensor(kIds, batch);
@@ -234,7 +221,7 @@ TEST_CASE("llama sampling: greedy, top-k 1, reproducible seeds, top-p") {
 }
 
 TEST_CASE("llama generate: stops at EOS and at max_new_tokens, the prompt is prefilled once") {
-  Model m = random_model(tiny_config(), LoadOptions{}, 11, 0.3f);
+  Model m = random_model(tiny_llama_config(), LoadOptions{}, 11, 0.3f);
   const std::vector<std::int32_t> prompt = {1, 5, 9};
   GenerateOptions g;
   g.max_new_tokens = 10;
@@ -258,12 +245,12 @@ TEST_CASE("llama generate: stops at EOS and at max_new_tokens, the prompt is pre
 TEST_CASE("llama: bad inputs are refused with a message") {
   LoadOptions o;
   o.targets = {"q_proj", "lm_head"};
-  CHECK_THROWS_WITH_AS(random_model(tiny_config(), o), doctest::Contains("lm_head"), Error);
-  Config c = tiny_config();
+  CHECK_THROWS_WITH_AS(random_model(tiny_llama_config(), o), doctest::Contains("lm_head"), Error);
+  Config c = tiny_llama_config();
   c.num_key_value_heads = 3;
   CHECK_THROWS_AS(random_model(c, LoadOptions{}), Error);
   CHECK_THROWS_WITH_AS(load_model("/nonexistent/model.bin"), doctest::Contains("/nonexistent/model.bin"), Error);
-  Model m = random_model(tiny_config(), LoadOptions{}, 1);
+  Model m = random_model(tiny_llama_config(), LoadOptions{}, 1);
   const std::vector<std::int32_t> bad = {1, 37};
   CHECK_THROWS_AS(m.logits(Tensor::from(bad, {1, 2})), Error);
   KvCache cache(m.config(), 1, 2, DType::f32, Device::cpu());
@@ -276,12 +263,12 @@ TEST_CASE("llama: bad inputs are refused with a message") {
   // A NaN weight is named on load.
   const auto source = [&](const std::string& name) {
     Shape shape;
-    for (const auto& s : io::llama_tensor_specs(tiny_config()))
+    for (const auto& s : io::llama_tensor_specs(tiny_llama_config()))
       if (s.name == name) shape = s.shape;
     Tensor t = ops::rand(shape, 3, Device::cpu(), 0.5f, 1.f);
     if (name == "model.layers.1.mlp.up_proj.weight") t.data<float>()[5] = std::nanf("");
     return t;
   };
-  CHECK_THROWS_WITH_AS(build_model(tiny_config(), source, LoadOptions{}), doctest::Contains("model.layers.1.mlp.up_proj.weight"),
+  CHECK_THROWS_WITH_AS(build_model(tiny_llama_config(), source, LoadOptions{}), doctest::Contains("model.layers.1.mlp.up_proj.weight"),
                        Error);
 }

@@ -19,13 +19,7 @@ using qlora::quant::QuantConfig;
 
 namespace {
 
-std::vector<float> gaussian(std::size_t n, std::uint64_t seed, double sigma = 0.02) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<double> dist(0.0, sigma);
-  std::vector<float> v(n);
-  for (auto& x : v) x = float(dist(gen));
-  return v;
-}
+using qlora::test::gaussian;
 
 }  // namespace
 

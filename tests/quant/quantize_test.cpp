@@ -10,10 +10,12 @@
 #include <vector>
 
 #include "qlora/quant/quant.hpp"
+#include "support/files.hpp"
 #include "support/random.hpp"
 
 using qlora::DType;
 using qlora::Error;
+using qlora::test::error_of;
 using qlora::Tensor;
 using qlora::quant::QuantConfig;
 using qlora::quant::Scheme;
@@ -31,22 +33,7 @@ std::string with_group(std::string name, int g) {
   return name.starts_with("nf4-nodq") ? "nf4-g" + std::to_string(g) + "-nodq" : name + "-g" + std::to_string(g);
 }
 
-std::vector<float> gaussian(std::size_t n, std::uint64_t seed, double sigma = 0.02) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<double> dist(0.0, sigma);
-  std::vector<float> v(n);
-  for (auto& x : v) x = float(dist(gen));
-  return v;
-}
-
-std::string error_of(auto&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using qlora::test::gaussian;
 
 }  // namespace
 

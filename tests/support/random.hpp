@@ -21,6 +21,15 @@ std::vector<T> random_vector(std::size_t n, std::uint64_t seed, double lo = -1.0
   return v;
 }
 
+// Normal(0, sigma^2) floats, reproducible for a given seed: weights shaped like a trained layer's.
+inline std::vector<float> gaussian(std::size_t n, std::uint64_t seed, double sigma = 0.02) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<double> dist(0.0, sigma);
+  std::vector<float> v(n);
+  for (auto& x : v) x = float(dist(gen));
+  return v;
+}
+
 template <class T>
 std::vector<double> to_double(std::span<const T> x) {
   return std::vector<double>(x.begin(), x.end());

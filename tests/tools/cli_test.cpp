@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "support/files.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
@@ -28,19 +29,6 @@ const fs::path kTokenizer = kData / "models/stories260K/tok512.bin";
 using Result = qlora::test::ToolResult;
 using qlora::test::run_qlora;
 
-fs::path scratch(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("qlora-cli-" + std::to_string(::getpid())) / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir.parent_path());
-  return dir;
-}
-
-std::string file_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 bool have_data() {
   if (fs::exists(kModel)) return true;
@@ -59,14 +47,14 @@ std::string train_args(const fs::path& out, int steps, const std::string& extra 
 
 TEST_CASE("cli: train writes adapter, checkpoints, metrics, loss curve and summary; the loss goes down") {
   if (!have_data()) return;
-  const fs::path out = scratch("train");
+  const fs::path out = qlora::test::fresh_output_path("train");
   const Result r = run_qlora("train " + train_args(out, 8, "--save-every 4 --eval-count 4"));
   INFO(r.err);
   REQUIRE(r.status == 0);
   for (const char* name : {"adapter/adapter.safetensors", "adapter/adapter_config.json", "metrics.jsonl", "loss.svg",
                            "summary.json", "checkpoints/step-00000004/state.json", "checkpoints/step-00000008/state.json"})
     CHECK_MESSAGE(fs::exists(out / name), name);
-  const auto summary = nlohmann::json::parse(file_bytes(out / "summary.json"));
+  const auto summary = nlohmann::json::parse(qlora::test::read_raw(out / "summary.json"));
   CHECK(summary.at("steps") == 8);
   // Q-BLoRA at nominal r = 4 has LoRA's count r (d_in + d_out) per linear. stories260K (dim 64, hidden 172,
   // 4 KV heads of 8): q 64+64, k 64+32, v 64+32, o 64+64, gate 64+172, up 64+172, down 172+64 = 1156; 5 layers.
@@ -85,14 +73,14 @@ TEST_CASE("cli: train writes adapter, checkpoints, metrics, loss curve and summa
 
 TEST_CASE("cli: a resumed run ends with the same adapter as an uninterrupted one") {
   if (!have_data()) return;
-  const fs::path straight = scratch("straight"), resumed = scratch("resumed");
+  const fs::path straight = qlora::test::fresh_output_path("straight"), resumed = qlora::test::fresh_output_path("resumed");
   REQUIRE(run_qlora("train " + train_args(straight, 6)).status == 0);
   REQUIRE(run_qlora("train " + train_args(resumed, 3)).status == 0);
   const Result r = run_qlora("train " + train_args(resumed, 6, "--resume " + resumed.string()));
   INFO(r.err);
   REQUIRE(r.status == 0);
   CHECK(r.err.find("resumed from") != std::string::npos);
-  CHECK(file_bytes(resumed / "adapter/adapter.safetensors") == file_bytes(straight / "adapter/adapter.safetensors"));
+  CHECK(qlora::test::read_raw(resumed / "adapter/adapter.safetensors") == qlora::test::read_raw(straight / "adapter/adapter.safetensors"));
   // A resume with another configuration is refused.
   const Result other = run_qlora("train " + train_args(resumed, 6, "--resume " + resumed.string() + " --seed 7"));
   CHECK(other.status != 0);
@@ -115,7 +103,7 @@ TEST_CASE("cli: eval reports perplexity for the base, quantized and adapted mode
   const auto q = nlohmann::json::parse(run_qlora("eval " + base + " --quant int2-g32").out);
   CHECK(q.at("ppl").get<double>() > a.at("ppl").get<double>());  // 2-bit costs accuracy
 
-  const fs::path out = scratch("eval-adapter");
+  const fs::path out = qlora::test::fresh_output_path("eval-adapter");
   REQUIRE(run_qlora("train " + train_args(out, 2)).status == 0);
   const Result adapted = run_qlora("eval " + base + " --adapter " + (out / "adapter").string());
   INFO(adapted.err);
@@ -125,7 +113,7 @@ TEST_CASE("cli: eval reports perplexity for the base, quantized and adapted mode
 
 TEST_CASE("cli: bad input gives one clear line, a non-zero exit and no output directory") {
   if (!have_data()) return;
-  const fs::path dir = scratch("bad");
+  const fs::path dir = qlora::test::fresh_output_path("bad");
   fs::create_directories(dir);
   const fs::path out = dir / "out";
   auto expect_failure = [&](const std::string& args, const std::string& message) {
@@ -157,12 +145,12 @@ TEST_CASE("cli: bad input gives one clear line, a non-zero exit and no output di
 
 TEST_CASE("cli: demo pretrains, quantizes to 2 bits and recovers with Q-BLoRA, without any data files") {
   // A short version of the default run (which takes about a minute): the same pipeline, fewer steps.
-  const fs::path out = scratch("demo");
+  const fs::path out = qlora::test::fresh_output_path("demo");
   const Result r = run_qlora("demo --device cpu --pretrain-steps 120 --finetune-steps 60 --out " + out.string());
   INFO(r.err);
   REQUIRE(r.status == 0);
   CHECK(r.out.find("| int2-g32 + Q-BLoRA |") != std::string::npos);
-  const auto summary = nlohmann::json::parse(file_bytes(out / "summary.json"));
+  const auto summary = nlohmann::json::parse(qlora::test::read_raw(out / "summary.json"));
   const auto& rows = summary.at("rows");
   REQUIRE(rows.size() == 5);
   const double f32 = rows[0].at("ppl"), int2 = rows[2].at("ppl"), recovered = rows[3].at("ppl");

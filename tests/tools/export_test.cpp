@@ -31,12 +31,6 @@ using namespace qlora;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / ("qlora-export-" + std::to_string(::getpid())) / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir.parent_path());
-  return dir;
-}
 
 ml::Config tiny_config() {
   ml::Config c;
@@ -92,7 +86,7 @@ TEST_CASE("export peft: Q-BLoRA as a plain LoRA of rank 2r whose scale B A is ea
   ml::Model model = ml::random_model(tiny_config(), adapted(nn::AdapterKind::qblora), 7);
   randomize_adapters(model, 100);
   ml::Model base = ml::random_model(tiny_config(), adapted(nn::AdapterKind::none), 7);  // the same INT4 base
-  const fs::path out = scratch("peft");
+  const fs::path out = qlora::test::fresh_output_path("peft");
   train::export_peft(model, out, {"my/base"});
 
   std::ifstream in(out / "adapter_config.json");
@@ -139,7 +133,7 @@ TEST_CASE("export peft: Q-BLoRA as a plain LoRA of rank 2r whose scale B A is ea
 
 TEST_CASE("export peft: refuses a hira adapter and a model without adapters, leaving no output") {
   ml::Model hira = ml::random_model(tiny_config(), adapted(nn::AdapterKind::hira), 7);
-  const fs::path out = scratch("peft-hira");
+  const fs::path out = qlora::test::fresh_output_path("peft-hira");
   CHECK_THROWS_WITH_AS(train::export_peft(hira, out), doctest::Contains("hira"), Error);
   CHECK_FALSE(fs::exists(out));
   ml::Model plain = ml::random_model(tiny_config(), adapted(nn::AdapterKind::none), 7);
@@ -152,7 +146,7 @@ TEST_CASE("export hf: the merged checkpoint loads back with the adapted model's 
   randomize_adapters(model, 200);
   const std::vector<float> expected = logits_of(model, kIds);
   for (const auto& [dtype, tolerance] : {std::pair{DType::f32, 1e-5}, std::pair{DType::bf16, 2e-2}}) {
-    const fs::path out = scratch(std::string("hf-") + std::string(dtype_name(dtype)));
+    const fs::path out = qlora::test::fresh_output_path(std::string("hf-") + std::string(dtype_name(dtype)));
     train::export_hf(model, out, dtype);
     CHECK(fs::exists(out / "config.json"));
     const io::SafetensorsFile file(out / "model.safetensors");
@@ -175,7 +169,7 @@ TEST_CASE("export gguf: f16, q8_0 and q4_1 files load back close to the adapted 
   for (const auto& [type, tolerance] : {std::pair{io::GgmlType::F16, 1e-2}, std::pair{io::GgmlType::Q8_0, 5e-2},
                                         std::pair{io::GgmlType::Q4_1, 0.5}}) {
     INFO(io::ggml_type_name(std::uint32_t(type)));
-    const fs::path out = scratch("model-" + io::ggml_type_name(std::uint32_t(type)) + ".gguf");
+    const fs::path out = qlora::test::fresh_output_path("model-" + io::ggml_type_name(std::uint32_t(type)) + ".gguf");
     train::export_gguf(model, out, type, std::nullopt, "tiny");
     const io::GgufFile file(out);
     CHECK(file.get_string("general.architecture") == "llama");
@@ -196,7 +190,7 @@ TEST_CASE("export gguf: the q/k permutation round-trips exactly through an f32 f
   // llama.cpp's interleaved order and the reader undid it.
   ml::Model model = ml::random_model(tiny_config(), adapted(nn::AdapterKind::lora), 9);
   randomize_adapters(model, 400);
-  const fs::path out = scratch("model-f32.gguf");
+  const fs::path out = qlora::test::fresh_output_path("model-f32.gguf");
   train::export_gguf(model, out, io::GgmlType::F32);
   ml::Model back = ml::load_model(out);
   CHECK(relative_error(logits_of(back, kIds), logits_of(model, kIds)) < 1e-5);
@@ -242,7 +236,7 @@ ml::Model write_adapter(const fs::path& dir) {
 
 TEST_CASE("qlora export: peft and gguf-q8_0 of stories260K with an adapter, read back") {
   if (!have_data()) return;
-  const fs::path adapter = scratch("tool-adapter"), peft = scratch("tool-peft"), gguf = scratch("tool.gguf");
+  const fs::path adapter = qlora::test::fresh_output_path("tool-adapter"), peft = qlora::test::fresh_output_path("tool-peft"), gguf = qlora::test::fresh_output_path("tool.gguf");
   ml::Model model = write_adapter(adapter);
 
   Result r = run_tool(kModel.string() + " --tokenizer " + kTokenizer.string() + " --adapter " + adapter.string() +
@@ -277,7 +271,7 @@ TEST_CASE("qlora export: peft and gguf-q8_0 of stories260K with an adapter, read
 
 TEST_CASE("qlora export: bad input gives one line, a non-zero exit and no output") {
   if (!have_data()) return;
-  const fs::path out = scratch("tool-bad");
+  const fs::path out = qlora::test::fresh_output_path("tool-bad");
   Result r = run_tool(kModel.string() + " --to onnx --out " + out.string());
   CHECK(r.status != 0);
   CHECK(r.err.find("onnx") != std::string::npos);

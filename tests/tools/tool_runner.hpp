@@ -41,4 +41,13 @@ inline ToolResult run_qlora(const std::string& args) {
   return r;
 }
 
+// A path for one test's output under a per-process directory: removed if it exists, its parent created.
+inline std::filesystem::path fresh_output_path(const std::string& name) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("qlora-tool-test-" + std::to_string(::getpid())) / name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir.parent_path());
+  return dir;
+}
+
 }  // namespace qlora::test

@@ -14,18 +14,24 @@
 #include "qlora/train/data_loader.hpp"
 #include "qlora/train/instruction_data.hpp"
 #include "qlora/train/text_data.hpp"
+#include "support/files.hpp"
 
 using namespace qlora;
 using namespace qlora::train;
+using qlora::test::error_of;
 namespace fs = std::filesystem;
 
 namespace {
 
+// Every file of this suite's tests, removed when the program ends.
+const qlora::test::TempDir& temp_dir() {
+  static const qlora::test::TempDir dir;
+  return dir;
+}
+
 fs::path write_temp(const std::string& name, const std::string& content) {
-  const fs::path dir = fs::temp_directory_path() / ("qlora-data-test-" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  const fs::path path = dir / name;
-  std::ofstream(path, std::ios::binary) << content;
+  const fs::path path = temp_dir() / name;
+  qlora::test::write_raw(path, content);
   return path;
 }
 
@@ -34,15 +40,6 @@ Example example_of_length(std::size_t n, std::int32_t first) {
   for (std::size_t i = 0; i < n; ++i) ex.input_ids.push_back(first + std::int32_t(i));
   ex.labels = ex.input_ids;
   return ex;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace

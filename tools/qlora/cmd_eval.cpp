@@ -7,7 +7,6 @@
 #include <fmt/core.h>
 
 #include <chrono>
-#include <fstream>
 #include <string>
 
 #include "commands.hpp"
@@ -15,6 +14,7 @@
 #include "models/llama/generate.hpp"
 #include "qlora/ops/cross_entropy.hpp"
 #include "qlora/train/evaluation.hpp"
+#include "qlora/train/json_files.hpp"
 
 namespace qlora::tool {
 namespace {
@@ -74,32 +74,23 @@ void run_eval(const EvalFlags& f) {
     });
     result.update(r.to_json());
   } else {
-    std::ifstream in(f.gsm8k);
-    std::int64_t correct = 0, total = 0, line_number = 0;
-    for (std::string line; std::getline(in, line);) {
-      ++line_number;
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      if (f.limit > 0 && total >= f.limit) break;
-      nlohmann::json row;
-      try {
-        row = nlohmann::json::parse(line);
-        const std::string question = row.at("question").get<std::string>(), answer = row.at("answer").get<std::string>();
-        const auto prompt = tokenizer->encode("Question: " + question + "\nAnswer:", true);
-        ml::GenerateOptions g;
-        g.max_new_tokens = std::min<std::int64_t>(f.max_new, model.config().max_position_embeddings - std::int64_t(prompt.size()));
-        if (g.max_new_tokens <= 0) throw Error("the question is longer than the model's context");
-        for (std::int64_t id : model.config().eos_token_ids) g.eos_ids.push_back(std::int32_t(id));
-        const auto generated = ml::generate(model, prompt, g);
-        std::string text = tokenizer->decode(generated.tokens);
-        const std::size_t stop = text.find("\n\nQuestion:");
-        if (stop != std::string::npos) text.resize(stop);
-        correct += train::gsm8k_extract_answer(text) == train::gsm8k_extract_answer(answer);
-        ++total;
-        if (!f.json) fmt::print(stderr, "\rquestion {}: {}/{} correct", total, correct, total);
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(f.gsm8k + ":" + std::to_string(line_number) + ": expected {\"question\", \"answer\"} (" + e.what() + ")");
-      }
-    }
+    std::int64_t correct = 0, total = 0;
+    train::for_each_jsonl(f.gsm8k, train::read_text_file(f.gsm8k), "{\"question\", \"answer\"}",
+                          [&](const nlohmann::json& row, const std::string& where) {
+      if (f.limit > 0 && total >= f.limit) return;
+      const std::string question = row.at("question").get<std::string>(), answer = row.at("answer").get<std::string>();
+      const auto prompt = tokenizer->encode("Question: " + question + "\nAnswer:", true);
+      ml::GenerateOptions g;
+      g.max_new_tokens = std::min<std::int64_t>(f.max_new, model.config().max_position_embeddings - std::int64_t(prompt.size()));
+      if (g.max_new_tokens <= 0) throw Error(where + ": the question is longer than the model's context");
+      for (std::int64_t id : model.config().eos_token_ids) g.eos_ids.push_back(std::int32_t(id));
+      std::string text = tokenizer->decode(ml::generate(model, prompt, g).tokens);
+      const std::size_t stop = text.find("\n\nQuestion:");
+      if (stop != std::string::npos) text.resize(stop);
+      correct += train::gsm8k_extract_answer(text) == train::gsm8k_extract_answer(answer);
+      ++total;
+      if (!f.json) fmt::print(stderr, "\rquestion {}: {}/{} correct", total, correct, total);
+    });
     if (!f.json) fmt::print(stderr, "\n");
     if (total == 0) throw Error(f.gsm8k + ": no questions");
     result["accuracy"] = double(correct) / double(total);

@@ -15,7 +15,7 @@
 #include "qlora/io/atomic_write.hpp"
 #include "qlora/io/safetensors.hpp"
 #include "qlora/nn/adapter_config.hpp"
-#include "qlora/train/text_data.hpp"
+#include "qlora/train/json_files.hpp"
 
 namespace qlora::train {
 
@@ -72,13 +72,7 @@ inline void save_adapter(const std::filesystem::path& dir, const AdapterDescript
 
 inline AdapterDescription read_adapter_description(const std::filesystem::path& dir) {
   const std::filesystem::path config = dir / "adapter_config.json";
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(read_text_file(config.string()));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(config.string() + ": not valid JSON (" + std::string(e.what()) + ")");
-  }
-  return AdapterDescription::from_json(j, config.string());
+  return AdapterDescription::from_json(read_json_file(config.string()), config.string());
 }
 
 // Copies the saved values into params (every one must be there, with its shape).

@@ -25,7 +25,7 @@
 #include "qlora/io/safetensors.hpp"
 #include "qlora/train/data_loader.hpp"
 #include "qlora/train/optimizer.hpp"
-#include "qlora/train/text_data.hpp"
+#include "qlora/train/json_files.hpp"
 
 namespace qlora::train {
 
@@ -52,7 +52,7 @@ inline std::vector<std::filesystem::path> complete_checkpoints(const std::filesy
     const std::string name = entry.path().filename().string();
     if (!entry.is_directory() || name.rfind("step-", 0) != 0) continue;  // temporaries start with '.'
     try {
-      const nlohmann::json state = nlohmann::json::parse(read_text_file((entry.path() / "state.json").string()));
+      const nlohmann::json state = read_json_file((entry.path() / "state.json").string());
       if (state.contains("step")) found.push_back(entry.path());
     } catch (const std::exception&) {
     }
@@ -94,12 +94,7 @@ inline void save_checkpoint(const std::filesystem::path& out, const std::vector<
 inline TrainerState load_checkpoint(const std::filesystem::path& dir, const std::vector<autograd::Param*>& params,
                                     Optimizer& optimizer) {
   const std::string where = dir.string();
-  nlohmann::json json;
-  try {
-    json = nlohmann::json::parse(read_text_file((dir / "state.json").string()));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(where + "/state.json: not valid JSON (" + std::string(e.what()) + ")");
-  }
+  const nlohmann::json json = read_json_file((dir / "state.json").string());
   const io::SafetensorsFile adapter(dir / "adapter.safetensors");
   for (autograd::Param* p : params) {
     const Tensor saved = adapter.load(p->name);

@@ -25,6 +25,7 @@
 
 #include "qlora/io/tokenizer.hpp"
 #include "qlora/train/data_loader.hpp"
+#include "qlora/train/json_files.hpp"
 #include "qlora/train/text_data.hpp"
 
 namespace qlora::train {
@@ -75,22 +76,10 @@ inline std::vector<std::int32_t> perplexity_ids(const io::Tokenizer& tokenizer, 
   std::string text = read_text_file(path);
   if (path.size() > 6 && path.substr(path.size() - 6) == ".jsonl") {
     std::string joined;
-    std::size_t start = 0;
-    std::int64_t line_number = 0;
-    while (start < text.size()) {
-      const std::size_t end = std::min(text.find('\n', start), text.size());
-      const std::string line = text.substr(start, end - start);
-      ++line_number;
-      start = end + 1;
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      try {
-        const auto row = nlohmann::json::parse(line);
-        if (!joined.empty()) joined += "\n\n";
-        joined += row.at("text").get<std::string>();
-      } catch (const nlohmann::json::exception& e) {
-        throw Error(path + ":" + std::to_string(line_number) + ": expected {\"text\": ...} (" + e.what() + ")");
-      }
-    }
+    for_each_jsonl(path, text, "{\"text\": ...}", [&](const nlohmann::json& row, const std::string&) {
+      if (!joined.empty()) joined += "\n\n";
+      joined += row.at("text").get<std::string>();
+    });
     text = std::move(joined);
   }
   return tokenizer.encode(text, /*add_bos=*/true);
@@ -108,32 +97,20 @@ struct MultipleChoiceItem {
 inline std::vector<MultipleChoiceItem> read_multiple_choice(const std::string& path) {
   const std::string text = read_text_file(path);
   std::vector<MultipleChoiceItem> items;
-  std::size_t start = 0;
-  std::int64_t line_number = 0;
-  while (start < text.size()) {
-    const std::size_t end = std::min(text.find('\n', start), text.size());
-    const std::string line = text.substr(start, end - start);
-    ++line_number;
-    start = end + 1;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    const std::string where = path + ":" + std::to_string(line_number);
-    try {
-      const auto row = nlohmann::json::parse(line);
-      MultipleChoiceItem item{row.at("question").get<std::string>(), row.at("choices").get<std::vector<std::string>>(), 0};
-      const auto& answer = row.at("answer");
-      if (answer.is_string() && answer.get<std::string>().size() == 1 && std::isupper(answer.get<std::string>()[0]))
-        item.answer = answer.get<std::string>()[0] - 'A';
-      else
-        item.answer = answer.get<std::int64_t>();
-      if (item.choices.size() < 2) throw Error(where + ": needs at least two choices");
-      if (item.answer < 0 || item.answer >= std::int64_t(item.choices.size()))
-        throw Error(where + ": answer " + answer.dump() + " is not one of the " + std::to_string(item.choices.size()) +
-                    " choices");
-      items.push_back(std::move(item));
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(where + ": expected {\"question\", \"choices\", \"answer\"} (" + e.what() + ")");
-    }
-  }
+  for_each_jsonl(path, text, "{\"question\", \"choices\", \"answer\"}", [&](const nlohmann::json& row,
+                                                                             const std::string& where) {
+    MultipleChoiceItem item{row.at("question").get<std::string>(), row.at("choices").get<std::vector<std::string>>(), 0};
+    const auto& answer = row.at("answer");
+    if (answer.is_string() && answer.get<std::string>().size() == 1 && std::isupper(answer.get<std::string>()[0]))
+      item.answer = answer.get<std::string>()[0] - 'A';
+    else
+      item.answer = answer.get<std::int64_t>();
+    if (item.choices.size() < 2) throw Error(where + ": needs at least two choices");
+    if (item.answer < 0 || item.answer >= std::int64_t(item.choices.size()))
+      throw Error(where + ": answer " + answer.dump() + " is not one of the " + std::to_string(item.choices.size()) +
+                  " choices");
+    items.push_back(std::move(item));
+  });
   if (items.empty()) throw Error(path + ": no questions");
   return items;
 }

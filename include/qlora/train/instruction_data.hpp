@@ -12,8 +12,6 @@
 // target; labels = -100 over the source (unless train_on_source) and the target ids over the target.
 
 #include <cstdint>
-#include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -22,6 +20,8 @@
 #include "qlora/core/error.hpp"
 #include "qlora/io/tokenizer.hpp"
 #include "qlora/train/example.hpp"
+#include "qlora/train/json_files.hpp"
+#include "qlora/train/text_data.hpp"
 
 namespace qlora::train {
 
@@ -69,11 +69,7 @@ inline InstructionRecord to_record(const nlohmann::json& record, const std::stri
 // non-blank character. Throws qlora::Error naming the file and the line or record for anything malformed,
 // and for a file with no records.
 inline std::vector<InstructionRecord> read_instruction_file(const std::string& path, const std::string& format) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open the data file");
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  const std::string text = buffer.str();
+  const std::string text = read_text_file(path, "data file");
   const std::size_t first = text.find_first_not_of(" \t\r\n\xEF\xBB\xBF");
   std::vector<InstructionRecord> records;
   if (first != std::string::npos && text[first] == '[') {
@@ -86,19 +82,9 @@ inline std::vector<InstructionRecord> read_instruction_file(const std::string& p
     for (std::size_t i = 0; i < array.size(); ++i)
       records.push_back(detail::to_record(array[i], format, path + ": record " + std::to_string(i)));
   } else {
-    std::istringstream lines(text);
-    std::string line;
-    for (std::int64_t number = 1; std::getline(lines, line); ++number) {
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      const std::string where = path + ":" + std::to_string(number);
-      nlohmann::json record;
-      try {
-        record = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::parse_error& e) {
-        throw Error(where + ": not valid JSON (" + std::string(e.what()) + ")");
-      }
+    for_each_jsonl(path, text, "an object", [&](const nlohmann::json& record, const std::string& where) {
       records.push_back(detail::to_record(record, format, where));
-    }
+    });
   }
   if (records.empty()) throw Error(path + ": the data file has no records");
   return records;

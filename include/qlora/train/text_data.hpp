@@ -15,9 +15,10 @@
 
 namespace qlora::train {
 
-inline std::string read_text_file(const std::string& path) {
+// The whole file; `what` names it in the error ("path: cannot open the text file").
+inline std::string read_text_file(const std::string& path, const std::string& what = "text file") {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open the text file");
+  if (!in) throw Error(path + ": cannot open the " + what);
   std::stringstream buffer;
   buffer << in.rdbuf();
   return buffer.str();

@@ -176,10 +176,8 @@ class Trainer {
 
  private:
   std::string first_nonfinite_param() const {
-    for (const Param* p : params_) {
-      std::vector<Param*> one{const_cast<Param*>(p)};
-      if (!all_finite(one)) return "'" + p->name + "'";
-    }
+    for (Param* p : params_)
+      if (!all_finite(std::span<Param* const>(&p, 1))) return "'" + p->name + "'";
     return "an adapter";
   }
 
