@@ -41,6 +41,9 @@ struct LoadOptions {
   std::vector<std::string> targets = all_block_linears();
   DType param_dtype = DType::f32;  // adapter master weights (f64 for gradient checks on the CPU)
   std::uint64_t seed = 0;          // the adapters' initial draw
+  // W4A8: every block linear fake-quantizes its base input per token to this many bits (4..8); 0 = off
+  // (docs/ptq.md, "W4A8"). The adapters see the unquantized input.
+  int activation_bits = 0;
 
   DType activation_dtype() const { return dtype.value_or(device.is_cpu() ? DType::f32 : DType::bf16); }
 
@@ -57,6 +60,8 @@ struct LoadOptions {
     QLORA_CHECK(param_dtype == DType::f32 || (param_dtype == DType::f64 && device.is_cpu()),
                 "adapter parameters are f32 (or f64 on the CPU), not " + std::string(dtype_name(param_dtype)));
     if (quant) quant->validate();
+    QLORA_CHECK(activation_bits == 0 || (activation_bits >= 4 && activation_bits <= 8),
+                "activation bits must be 0 (off) or 4..8, got " + std::to_string(activation_bits));
   }
 };
 

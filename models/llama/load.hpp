@@ -4,7 +4,9 @@
 // path is) and builds the model layer by layer: each tensor is read from the mapped file on its own,
 // converted (or quantized, for block linears with options.quant) on the host and moved to the device, so
 // neither the host nor the device ever holds the whole model in full precision. random_model() builds
-// the same model from seeded random weights (tests, benchmarks with 7B shapes).
+// the same model from seeded random weights (tests, benchmarks with 7B shapes). A directory written by
+// `qlora quantize` gives its block linears straight from the stored codes (no re-quantization, exact);
+// options.quant must then be unset or equal to the stored format, and adapters attach on top as usual.
 
 #include <array>
 #include <cmath>
@@ -24,6 +26,8 @@ namespace qlora::models::llama {
 
 // Serves a host tensor (f32 or f64) by HF name.
 using TensorSource = std::function<Tensor(const std::string& hf_name)>;
+// Serves the stored quantized weight of a block linear by HF layer name (quantized model directories).
+using QuantizedSource = std::function<quant::QuantizedTensor(const std::string& linear)>;
 
 namespace detail {
 
@@ -50,7 +54,8 @@ inline Tensor place(const Tensor& host, const LoadOptions& o) {
 
 }  // namespace detail
 
-inline Model build_model(const Config& config, const TensorSource& source, LoadOptions options) {
+inline Model build_model(const Config& config, const TensorSource& source, LoadOptions options,
+                         const QuantizedSource& quantized = {}) {
   config.validate("model config");
   options.validate();
   const Tensor inv_freq = rope_frequencies(config).to(options.device);
@@ -68,15 +73,21 @@ inline Model build_model(const Config& config, const TensorSource& source, LoadO
     for (std::size_t p = 0; p < linears.size(); ++p) {
       const std::string& proj = all_block_linears()[p];
       const std::string name = detail::linear_name(i, proj);
-      const Tensor host = load(name + ".weight");
-      nn::BaseWeight base = options.quant ? nn::BaseWeight(quant::quantize(host.to(DType::f32), *options.quant).to(options.device))
-                                          : nn::BaseWeight(detail::place(host, options));
+      nn::BaseWeight base;
+      if (quantized) {
+        base = nn::BaseWeight(quantized(name).to(options.device));
+      } else {
+        const Tensor host = load(name + ".weight");
+        base = options.quant ? nn::BaseWeight(quant::quantize(host.to(DType::f32), *options.quant).to(options.device))
+                             : nn::BaseWeight(detail::place(host, options));
+      }
       nn::AdapterConfig adapter = options.adapter;
       if (std::find(options.targets.begin(), options.targets.end(), proj) == options.targets.end())
         adapter.kind = nn::AdapterKind::none;
       const std::uint64_t stream = std::uint64_t(i) * DecoderBlock::kProjCount + p;
       linears[p] = nn::make_linear(name, std::move(base), adapter, nn::mix_seed(options.seed, 0, stream), stream,
                                    options.param_dtype);
+      linears[p]->set_activation_bits(options.activation_bits);  // W4A8 fake-quant of the base input (0: off)
     }
     blocks.push_back(std::make_unique<DecoderBlock>(i, config, detail::place(load(prefix + "input_layernorm.weight"), options),
                                                     detail::place(load(prefix + "post_attention_layernorm.weight"), options),
@@ -90,8 +101,17 @@ inline Model build_model(const Config& config, const TensorSource& source, LoadO
 
 // From an opened model (io::open_model_files).
 inline Model build_model(const io::ModelFiles& files, LoadOptions options) {
-  return build_model(files.config(), [&](const std::string& name) { return files.load(name, DType::f32); },
-                     std::move(options));
+  const auto source = [&](const std::string& name) { return files.load(name, DType::f32); };
+  const io::QuantizationInfo* stored = files.quantization();
+  if (!stored) return build_model(files.config(), source, std::move(options));
+  QLORA_CHECK(!options.quant || *options.quant == stored->format,
+              files.describe() + " is already quantized as " + stored->format.name() + "; it cannot be loaded as " +
+                  (options.quant ? options.quant->name() : std::string()) + " (pass --quant none or --quant " +
+                  stored->format.name() + ")");
+  options.quant = stored->format;  // what the model's base is, for whoever reads options() (adapter files)
+  if (options.activation_bits == 0) options.activation_bits = stored->act_bits;  // W4A8 models run as calibrated
+  return build_model(files.config(), source, std::move(options),
+                     [&](const std::string& linear) { return files.load_quantized(linear); });
 }
 
 // MODEL: a Hugging Face directory, a .gguf file or a llama2.c .bin.

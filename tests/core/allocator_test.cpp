@@ -96,6 +96,8 @@ TEST_CASE("allocator: out of memory frees the cache and retries, then reports th
     const std::string msg = e.what();
     CHECK(msg.find("cuda:0 out of memory") != std::string::npos);
     CHECK(msg.find("65536 bytes") != std::string::npos);
+    CHECK(msg.find("--micro-batch") != std::string::npos);  // the hint: what to change
+    CHECK(msg.find("--checkpointing") != std::string::npos);
   }
   CHECK_THROWS_AS(alloc.deallocate(reinterpret_cast<void*>(0x1234)), Error);
   alloc.deallocate(b);

@@ -19,6 +19,7 @@ using qlora::io::GgmlType;
 using qlora::io::GgufFile;
 using qlora::io::GgufType;
 using qlora::io::GgufValue;
+using qlora::test::GgufBytes;
 using qlora::test::TempDir;
 using qlora::test::append_value;
 using qlora::test::check_names;
@@ -28,33 +29,6 @@ namespace fs = std::filesystem;
 namespace {
 
 const fs::path kVocabGguf = fs::path(QLORA_SHARED_DATA) / "tokenizers/llamacpp-vocab-tests/ggml-vocab-llama-spm.gguf";
-
-// GGUF bytes assembled by hand from ggml's docs/gguf.md, independent of GgufWriter.
-struct GgufBytes {
-  std::string s;
-  void str(const std::string& v) {
-    append_value<std::uint64_t>(s, v.size());
-    s += v;
-  }
-  void key(const std::string& k, GgufType t) {
-    str(k);
-    append_value<std::uint32_t>(s, std::uint32_t(t));
-  }
-  void header(std::uint64_t tensors, std::uint64_t kvs) {
-    s += "GGUF";
-    append_value<std::uint32_t>(s, 3);
-    append_value<std::uint64_t>(s, tensors);
-    append_value<std::uint64_t>(s, kvs);
-  }
-  void tensor_info(const std::string& name, std::vector<std::uint64_t> ne, GgmlType type, std::uint64_t offset) {
-    str(name);
-    append_value<std::uint32_t>(s, std::uint32_t(ne.size()));
-    for (auto d : ne) append_value<std::uint64_t>(s, d);
-    append_value<std::uint32_t>(s, std::uint32_t(type));
-    append_value<std::uint64_t>(s, offset);
-  }
-  void pad(std::size_t alignment) { s.append((alignment - s.size() % alignment) % alignment, '\0'); }
-};
 
 // A small file: scalars of every type, an array of strings, a nested array, alignment 64, and two tensors:
 // t.f32 (ne {3, 2}: row-major [2, 3]) and t.q8 (one Q8_0 block, ne {32}).

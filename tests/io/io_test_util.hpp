@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "qlora/core/error.hpp"
+#include "qlora/io/gguf.hpp"
 #include "support/files.hpp"
 
 namespace qlora::test {
@@ -25,6 +26,33 @@ template <class T>
 void append_value(std::string& s, T v) {
   s.append(reinterpret_cast<const char*>(&v), sizeof(T));
 }
+
+// GGUF bytes assembled by hand from ggml's docs/gguf.md, independent of GgufWriter.
+struct GgufBytes {
+  std::string s;
+  void str(const std::string& v) {
+    append_value<std::uint64_t>(s, v.size());
+    s += v;
+  }
+  void key(const std::string& k, io::GgufType t) {
+    str(k);
+    append_value<std::uint32_t>(s, std::uint32_t(t));
+  }
+  void header(std::uint64_t tensors, std::uint64_t kvs) {
+    s += "GGUF";
+    append_value<std::uint32_t>(s, 3);
+    append_value<std::uint64_t>(s, tensors);
+    append_value<std::uint64_t>(s, kvs);
+  }
+  void tensor_info(const std::string& name, std::vector<std::uint64_t> ne, io::GgmlType type, std::uint64_t offset) {
+    str(name);
+    append_value<std::uint32_t>(s, std::uint32_t(ne.size()));
+    for (auto d : ne) append_value<std::uint64_t>(s, d);
+    append_value<std::uint32_t>(s, std::uint32_t(type));
+    append_value<std::uint64_t>(s, offset);
+  }
+  void pad(std::size_t alignment) { s.append((alignment - s.size() % alignment) % alignment, '\0'); }
+};
 
 // Checks that `message` contains each of `parts`.
 inline void check_names(const std::string& message, std::initializer_list<std::string> parts) {

@@ -20,12 +20,14 @@ struct ToolResult {
   std::string out, err;
 };
 
-inline ToolResult run_qlora(const std::string& args) {
+// `launcher` goes before the binary (e.g. "mpirun -n 2").
+inline ToolResult run_qlora(const std::string& args, const std::string& launcher = "") {
   static int counter = 0;
   const std::filesystem::path err_file = std::filesystem::temp_directory_path() /
                                          ("qlora-tool-err-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
   // One OpenMP thread: ctest runs these beside other tests, and the tiny models gain nothing from more.
-  const std::string command = "OMP_NUM_THREADS=1 " + std::string(QLORA_TOOL) + " " + args + " 2> " + err_file.string();
+  const std::string command = "OMP_NUM_THREADS=1 " + launcher + (launcher.empty() ? "" : " ") + std::string(QLORA_TOOL) +
+                              " " + args + " 2> " + err_file.string();
   ToolResult r;
   FILE* pipe = ::popen(command.c_str(), "r");
   if (pipe == nullptr) throw std::runtime_error("popen failed: " + command);

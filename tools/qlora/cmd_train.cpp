@@ -5,18 +5,30 @@
 // (include/qlora/train/trainer.hpp). Everything that can be wrong with the input (model, tokenizer, data,
 // flags) is checked before OUT is created, so a failed start leaves no output directory behind.
 // OUT holds checkpoints/, metrics.jsonl, loss.svg, summary.json and, at the end, adapter/.
+// Under mpirun every rank runs this with the same flags: data parallelism over dist::make_communicator's
+// communicator (MPI for --device cpu, NCCL for --device cuda); --batch stays the global batch; rank 0 alone
+// prints and writes OUT (docs/distributed.md).
 
 #include <fmt/core.h>
 
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 
 #include "commands.hpp"
 #include "model_options.hpp"
 #include "qlora/core/cpu_allocator.hpp"
+#include "qlora/dist/fail_together.hpp"
+#include "qlora/dist/make_communicator.hpp"
+#include "models/llama/adapter_init.hpp"
+#include "models/llama/distill.hpp"
+#include "qlora/io/quantized_model.hpp"
 #include "qlora/train/instruction_data.hpp"
+#include "qlora/train/objective.hpp"
 #include "qlora/train/text_data.hpp"
 #include "qlora/train/trainer.hpp"
 
@@ -24,7 +36,8 @@ namespace qlora::tool {
 namespace {
 
 struct TrainFlags {
-  std::string model, data, format = "alpaca", adapter = "qblora", quant = "nf4", init = "default", objective = "sft";
+  // quant "": nf4, or the stored format of a directory written by `qlora quantize`.
+  std::string model, data, format = "alpaca", adapter = "qblora", quant, init = "default", objective = "sft", teacher;
   std::string out, resume, device = "cpu", tokenizer, schedule = "constant", targets;
   int rank = 64;
   float alpha = 16.f, dropout = 0.f;
@@ -67,45 +80,109 @@ std::vector<train::Example> load_examples(const TrainFlags& f, const io::Tokeniz
   return examples;
 }
 
-void run_train(const TrainFlags& f) {
+// The format of a directory written by `qlora quantize`; nullopt for a full-precision model.
+std::optional<std::string> stored_format(const std::string& model) {
+  const std::filesystem::path config = std::filesystem::path(model) / "config.json";
+  if (std::filesystem::is_directory(model) && std::filesystem::exists(config))
+    if (const auto stored = io::read_quantization_info(config)) return stored->format.name();
+  return std::nullopt;
+}
+
+// LoftQ / CLoQ (docs/adapter-init.md) before training (and again on resume: LoftQ's base is a function of the
+// weights, the adapters then come from the checkpoint). CLoQ's Grams: the block linears' inputs over the first
+// training examples (at most 64) through the quantized model, whose adapters still start at zero.
+void initialize_adapters(models::llama::Model& model, const std::string& path, models::llama::AdapterInitMethod method,
+                         const std::vector<train::Example>& examples) {
+  namespace ml = models::llama;
+  std::map<std::string, quant::GramAccumulator> grams;
+  if (method == ml::AdapterInitMethod::cloq) {
+    nn::Context ctx;
+    ctx.training = false;
+    ctx.observe_linear_input = [&](const std::string& layer, const Tensor& x) {
+      auto it = grams.find(layer);
+      if (it == grams.end()) it = grams.emplace(layer, quant::GramAccumulator(x.dim(1), x.device())).first;
+      it->second.add(x);
+    };
+    const std::size_t n = std::min<std::size_t>(examples.size(), 64);
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto& ids = examples[i].input_ids;
+      const Tensor t = Tensor::from(ids, Shape{1, std::int64_t(ids.size())});
+      std::vector<std::int32_t> none(ids.size(), train::kIgnoreLabel);
+      (void)model.forward_loss_embedded(ctx, model.embed(t), Tensor::from(none, Shape{1, std::int64_t(ids.size())}));
+    }
+  }
+  const auto files = io::open_model_files(path);
+  const auto results = ml::init_adapters(model, *files, method, {}, ml::gram_lookup(grams));
+  double before = 0, after = 0;
+  for (const auto& r : results) {
+    before += r.error_before;
+    after += r.error_after;
+  }
+  fmt::print(stderr, "{} initialisation of {} layers: summed layer error {:.4g} -> {:.4g}\n", ml::adapter_init_method_name(method),
+             results.size(), before, after);
+}
+
+void run_train(TrainFlags f) {
   namespace fs = std::filesystem;
   namespace ml = models::llama;
-  // ---- check everything before touching OUT ----
-  if (f.init != "default")
-    throw Error("--init " + f.init + " is not available yet (LoftQ and CLoQ initialisations are issue 9); use default");
-  if (f.objective != "sft")
-    throw Error("--objective " + f.objective + " is not available yet (RILQ and Teacher Intervention are issue 9); use sft");
-  if (f.format != "alpaca" && f.format != "jsonl" && f.format != "text")
-    throw Error("--format must be alpaca, jsonl or text, got '" + f.format + "'");
-  if (f.out.empty()) throw Error("--out DIR is required");
-  const bool resuming = !f.resume.empty();
-  if (resuming && fs::weakly_canonical(f.resume) != fs::weakly_canonical(f.out))
-    throw Error("--resume " + f.resume + " must be the run's own --out directory (" + f.out + ")");
-  if (!resuming && fs::exists(f.out) && !fs::is_empty(f.out))
-    throw Error("--out " + f.out + " exists and is not empty (use --resume " + f.out + " to continue that run)");
-  require_model_path(f.model);
-  if (!fs::exists(f.data)) throw Error("cannot open data " + f.data + ": no such file or directory");
-
   ml::LoadOptions load;
-  load.device = parse_device(f.device);
-  load.quant = parse_quant(f.quant);
-  load.adapter.kind = nn::parse_adapter_kind(f.adapter);
-  if (load.adapter.kind == nn::AdapterKind::none) throw Error("--adapter none has nothing to train");
-  load.adapter.rank = f.rank;
-  load.adapter.alpha = f.alpha;
-  load.adapter.dropout = f.dropout;
-  load.adapter.pool = f.pool;
-  load.adapter.repeat = f.repeat;
-  if (!f.targets.empty()) load.targets = split_commas(f.targets);
-  load.seed = f.seed;
-  const auto tokenizer = open_tokenizer(f.model, f.tokenizer);
-  ml::Model model = ml::load_model(f.model, load);
-  model.checkpointing = f.checkpointing;
-  auto examples = load_examples(f, *tokenizer, model.config().max_position_embeddings);
+  load.device = rank_device(f.device);
+  const std::unique_ptr<dist::Communicator> comm = dist::make_communicator(load.device);
+  const bool root = comm->is_root();
+  // ---- check everything before touching OUT (every rank checks; a failure on any rank stops them all) ----
+  const bool resuming = !f.resume.empty();
+  std::unique_ptr<io::Tokenizer> tokenizer;
+  std::optional<ml::Model> model;
+  std::optional<train::DataLoader> loader;
   std::vector<train::Example> eval_set;
-  if (f.eval_count > 0) std::tie(examples, eval_set) = train::split_holdout(std::move(examples), f.eval_count, f.seed);
-  const std::int32_t pad = tokenizer->pad_id() >= 0 ? tokenizer->pad_id() : std::max(tokenizer->eos_id(), 0);
-  train::DataLoader loader(std::move(examples), f.micro_batch, f.seed, f.group_by_length, pad);
+  std::optional<ml::Model> teacher;
+  std::unique_ptr<train::Objective<ml::Model>> objective;
+  dist::fail_together(*comm, [&] {
+    const ml::AdapterInitMethod init = ml::parse_adapter_init_method(f.init);
+    if (f.objective != "sft" && f.objective != "rilq" && f.objective != "ti")
+      throw Error("--objective '" + f.objective + "' is not one of sft, rilq, ti");
+    const std::optional<std::string> stored = stored_format(f.model);
+    const bool stored_quant = stored.has_value();
+    if (f.quant.empty()) f.quant = stored.value_or("nf4");  // QLoRA's NF4, or what the directory holds
+    if (f.objective != "sft" && f.teacher.empty() && stored_quant)
+      throw Error("--objective " + f.objective + " needs the full-precision teacher: " + f.model +
+                  " is already quantized, so pass --teacher (the model it was quantized from)");
+    if (f.format != "alpaca" && f.format != "jsonl" && f.format != "text")
+      throw Error("--format must be alpaca, jsonl or text, got '" + f.format + "'");
+    if (f.out.empty()) throw Error("--out DIR is required");
+    if (resuming && fs::weakly_canonical(f.resume) != fs::weakly_canonical(f.out))
+      throw Error("--resume " + f.resume + " must be the run's own --out directory (" + f.out + ")");
+    if (!resuming && fs::exists(f.out) && !fs::is_empty(f.out))
+      throw Error("--out " + f.out + " exists and is not empty (use --resume " + f.out + " to continue that run)");
+    require_model_path(f.model);
+    if (!fs::exists(f.data)) throw Error("cannot open data " + f.data + ": no such file or directory");
+
+    load.quant = parse_quant(f.quant);
+    load.adapter.kind = nn::parse_adapter_kind(f.adapter);
+    if (load.adapter.kind == nn::AdapterKind::none) throw Error("--adapter none has nothing to train");
+    load.adapter.rank = f.rank;
+    load.adapter.alpha = f.alpha;
+    load.adapter.dropout = f.dropout;
+    load.adapter.pool = f.pool;
+    load.adapter.repeat = f.repeat;
+    if (!f.targets.empty()) load.targets = split_commas(f.targets);
+    load.seed = f.seed;
+    tokenizer = open_tokenizer(f.model, f.tokenizer);
+    model.emplace(ml::load_model(f.model, load));
+    model->checkpointing = f.checkpointing;
+    auto examples = load_examples(f, *tokenizer, model->config().max_position_embeddings);
+    if (init != ml::AdapterInitMethod::standard) {
+      QLORA_CHECK(!stored_quant, "--init " + f.init + " needs the full-precision weights, and " + f.model +
+                                     " is already quantized (train from the original model with --quant)");
+      initialize_adapters(*model, f.model, init, examples);
+    }
+    if (f.eval_count > 0) std::tie(examples, eval_set) = train::split_holdout(std::move(examples), f.eval_count, f.seed);
+    const std::int32_t pad = tokenizer->pad_id() >= 0 ? tokenizer->pad_id() : std::max(tokenizer->eos_id(), 0);
+    loader.emplace(std::move(examples), f.micro_batch, f.seed, f.group_by_length, pad);
+    if (f.objective != "sft")  // the full-precision teacher of RILQ / TI: MODEL itself unless --teacher
+      teacher.emplace(ml::load_model(f.teacher.empty() ? f.model : f.teacher, ml::teacher_load_options(load)));
+    objective = ml::make_objective(ml::ObjectiveOptions{f.objective, {}, {}}, teacher ? &*teacher : nullptr);
+  });
 
   train::TrainerConfig cfg;
   cfg.steps = f.steps;
@@ -131,32 +208,52 @@ void run_train(const TrainFlags& f) {
   if (!load.device.is_cpu())
     cfg.peak_memory = [d = load.device.index] { return cuda::memory_stats(d).peak_allocated_bytes; };
 #endif
-  train::Trainer<ml::Model> trainer(model, loader, &eval_set, cfg);
-
-  // ---- inputs are good: now OUT ----
-  fs::create_directories(f.out);
-  if (resuming) trainer.resume(f.out);
-  fmt::print(stderr, "training {} adapters ({} parameters) on a {} base of {} ({} examples, {} steps)\n", f.adapter,
-             model.trainable_parameter_count(), f.quant, f.model, loader.size(), f.steps);
-  const train::TrainSummary summary = trainer.run();
-  train::save_adapter(fs::path(f.out) / "adapter", description, model.params());
-
-  // Loss curve from the whole metrics file (a resumed run's history included).
-  std::vector<std::pair<double, double>> train_curve, eval_curve;
-  std::ifstream metrics(fs::path(f.out) / "metrics.jsonl");
-  for (std::string line; std::getline(metrics, line);) {
-    const auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded()) continue;
-    if (j.contains("loss")) train_curve.emplace_back(j["step"].get<double>(), j["loss"].get<double>());
-    if (j.contains("eval_loss")) eval_curve.emplace_back(j["step"].get<double>(), j["eval_loss"].get<double>());
+  // SFT trains the model itself (its per-block backward hook lets gradients be all-reduced as blocks finish);
+  // RILQ and TI train it through their objective.
+  const auto train_with = [&](auto& trainable) {
+    using Trainable = std::remove_reference_t<decltype(trainable)>;
+    std::optional<train::Trainer<Trainable>> trainer;
+    dist::fail_together(*comm, [&] { trainer.emplace(trainable, *loader, &eval_set, cfg, *comm); });
+    // ---- inputs are good: now OUT, written by rank 0 (the collective makes the others wait for it) ----
+    dist::fail_together(*comm, [&] {
+      if (root) fs::create_directories(f.out);
+    });
+    if (resuming) trainer->resume(f.out);
+    if (root)
+      fmt::print(stderr, "training {} adapters ({} parameters, objective {}) on a {} base of {} ({} examples, {} steps{})\n",
+                 f.adapter, model->trainable_parameter_count(), f.objective, f.quant, f.model, loader->size(), f.steps,
+                 comm->size() > 1 ? fmt::format(", {} processes over {}", comm->size(), comm->backend()) : "");
+    return trainer->run();
+  };
+  train::TrainSummary summary;
+  if (f.objective == "sft") {
+    summary = train_with(*model);
+  } else {
+    train::ObjectiveModel<ml::Model> trainable(*model, *objective, f.batch / f.micro_batch);
+    summary = train_with(trainable);
   }
-  io::write_file_atomically(fs::path(f.out) / "loss.svg",
-                            train::loss_curve_svg(train_curve, eval_curve, f.adapter + " on " + f.quant + ": loss"));
-  nlohmann::json s = summary.to_json();
-  s["trainable_parameters"] = model.trainable_parameter_count();
-  s["adapter"] = description.to_json();
-  io::write_file_atomically(fs::path(f.out) / "summary.json", s.dump(2) + "\n");
-  fmt::print("{}\n", s.dump());
+
+  dist::fail_together(*comm, [&] {
+    if (!root) return;
+    train::save_adapter(fs::path(f.out) / "adapter", description, model->params());
+    // Loss curve from the whole metrics file (a resumed run's history included).
+    std::vector<std::pair<double, double>> train_curve, eval_curve;
+    std::ifstream metrics(fs::path(f.out) / "metrics.jsonl");
+    for (std::string line; std::getline(metrics, line);) {
+      const auto j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded()) continue;
+      if (j.contains("loss")) train_curve.emplace_back(j["step"].get<double>(), j["loss"].get<double>());
+      if (j.contains("eval_loss")) eval_curve.emplace_back(j["step"].get<double>(), j["eval_loss"].get<double>());
+    }
+    io::write_file_atomically(fs::path(f.out) / "loss.svg",
+                              train::loss_curve_svg(train_curve, eval_curve, f.adapter + " on " + f.quant + ": loss"));
+    nlohmann::json s = summary.to_json();
+    s["trainable_parameters"] = model->trainable_parameter_count();
+    s["adapter"] = description.to_json();
+    s["world_size"] = comm->size();
+    io::write_file_atomically(fs::path(f.out) / "summary.json", s.dump(2) + "\n");
+    fmt::print("{}\n", s.dump());
+  });
 }
 
 }  // namespace
@@ -175,17 +272,21 @@ void register_train(CLI::App& app) {
   cmd->add_option("--pool", f->pool, "Override the preset's input pooling p");
   cmd->add_option("--repeat", f->repeat, "Override the preset's output repeat k");
   cmd->add_option("--targets", f->targets, "Comma-separated block linears (default: all seven)");
-  cmd->add_option("--quant", f->quant, "Base format: nf4, intB-gG, dint4-gG or none");
-  cmd->add_option("--init", f->init, "Adapter initialisation: default (loftq, cloq: not yet)");
-  cmd->add_option("--objective", f->objective, "sft (rilq, ti: not yet)");
+  cmd->add_option("--quant", f->quant,
+                  "Base format: nf4, intB-gG, dint4-gG or none (default nf4; a `qlora quantize` directory: its own)");
+  cmd->add_option("--init", f->init, "Adapter initialisation: default (B = 0), loftq (alternating quantize + SVD) or "
+                                     "cloq (calibrated closed form from the first training examples)");
+  cmd->add_option("--objective", f->objective, "sft, rilq (activation discrepancy to the teacher + CE) or ti "
+                                               "(Teacher Intervention distillation)");
+  cmd->add_option("--teacher", f->teacher, "Full-precision teacher for rilq / ti (default: MODEL, unquantized)");
   cmd->add_option("--steps", f->steps, "Optimizer steps");
   cmd->add_option("--lr", f->lr, "Peak learning rate");
   cmd->add_option("--schedule", f->schedule, "constant, constant_with_warmup, linear or cosine");
   cmd->add_option("--warmup", f->warmup, "Warm-up steps");
   cmd->add_option("--weight-decay", f->weight_decay, "AdamW weight decay");
   cmd->add_option("--max-grad-norm", f->max_grad_norm, "Global gradient-norm clipping (0: off)");
-  cmd->add_option("--batch", f->batch, "Examples per optimizer step");
-  cmd->add_option("--micro-batch", f->micro_batch, "Examples per forward/backward");
+  cmd->add_option("--batch", f->batch, "Examples per optimizer step (over all processes under mpirun)");
+  cmd->add_option("--micro-batch", f->micro_batch, "Examples per forward/backward (per process)");
   cmd->add_option("--seq-len", f->seq_len, "Window length for --format text");
   cmd->add_option("--source-max-len", f->source_max_len, "Prompt tokens kept (instruction data)");
   cmd->add_option("--target-max-len", f->target_max_len, "Response tokens kept (instruction data)");

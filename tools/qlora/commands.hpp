@@ -11,5 +11,9 @@ void register_train(CLI::App& app);     // cmd_train.cpp
 void register_eval(CLI::App& app);      // cmd_eval.cpp
 void register_demo(CLI::App& app);      // cmd_demo.cpp
 void register_export(CLI::App& app);    // cmd_export.cpp
+void register_quantize(CLI::App& app);  // cmd_quantize.cpp
+
+// The tool's version (`qlora --version`, recorded in the directories it writes).
+inline constexpr const char* kToolVersion = "0.1.0";
 
 }  // namespace qlora::tool

@@ -16,8 +16,6 @@
 
 namespace {
 
-constexpr const char* kVersion = "0.1.0";
-
 void print_devices() {
   fmt::print("cpu: {} OpenMP threads\n", omp_get_max_threads());
 #if defined(QLORA_WITH_CUDA)
@@ -33,7 +31,7 @@ void print_devices() {
 
 int main(int argc, char** argv) {
   CLI::App app{"qlora: quantize Llama-family models and fine-tune adapters on a frozen low-bit base"};
-  app.set_version_flag("--version", kVersion);
+  app.set_version_flag("--version", qlora::tool::kToolVersion);
   app.require_subcommand(1);
 
   auto* devices = app.add_subcommand("devices", "List the compute backends this build can use");
@@ -44,6 +42,7 @@ int main(int argc, char** argv) {
   qlora::tool::register_eval(app);
   qlora::tool::register_demo(app);
   qlora::tool::register_export(app);
+  qlora::tool::register_quantize(app);
 
   try {
     app.parse(argc, argv);

@@ -9,6 +9,7 @@
 
 #include "model_paths.hpp"
 #include "models/llama/load.hpp"
+#include "qlora/dist/make_communicator.hpp"
 #include "qlora/io/tokenizer_load.hpp"
 #include "qlora/train/adapter_files.hpp"
 
@@ -26,6 +27,18 @@ inline Device parse_device(const std::string& text) {
   throw Error("--device " + text + ": this qlora was built without CUDA");
 #endif
   return d;
+}
+
+// The device of this process: --device as given in a world of one; under mpirun, `--device cuda` means one
+// GPU per rank, the rank's local rank picking it (what dist::make_communicator expects).
+inline Device rank_device(const std::string& text) {
+  const Device d = parse_device(text);
+  const dist::LaunchEnvironment env = dist::LaunchEnvironment::from_environment();
+  if (d.is_cpu() || env.world_size == 1) return d;
+  if (text != "cuda")
+    throw Error("--device " + text + " with " + std::to_string(env.world_size) +
+                " processes: each rank takes the GPU of its local rank, pass --device cuda");
+  return Device::cuda(env.local_rank);
 }
 
 inline std::optional<quant::QuantConfig> parse_quant(const std::string& text) {

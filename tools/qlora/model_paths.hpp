@@ -37,7 +37,7 @@ inline std::optional<std::filesystem::path> tokenizer_path(const std::filesystem
   switch (model_format(model)) {
     case ModelFormat::gguf: return model;
     case ModelFormat::hf:
-      for (const char* name : {"tokenizer.model", "tokenizer.json"})
+      for (const char* name : {"tokenizer.model", "tokenizer.json", "tokenizer.bin"})
         if (fs::exists(model / name)) return model;
       return std::nullopt;
     case ModelFormat::llama2c: {

@@ -117,8 +117,7 @@ class CachingAllocator {
   std::string out_of_memory_message(std::size_t bytes) const {
     auto mib = [](std::size_t b) { return std::to_string(b / (1024 * 1024)) + " MiB"; };
     return name_ + " out of memory: failed to allocate " + std::to_string(bytes) + " bytes (" + mib(bytes) +
-           ") with " + mib(stats_.allocated_bytes) + " in use; try a smaller --micro-batch or --seq-len, or "
-           "turn on activation checkpointing";
+           ") with " + mib(stats_.allocated_bytes) + " in use; " + kOutOfMemoryHint;
   }
 
   Backend backend_;

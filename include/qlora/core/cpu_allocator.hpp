@@ -24,7 +24,7 @@ class CpuAllocator {
   void* allocate(std::size_t bytes) {
     const std::size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
     void* p = ::operator new(rounded ? rounded : kAlignment, std::align_val_t(kAlignment), std::nothrow);
-    if (!p) throw Error("out of host memory: failed to allocate " + std::to_string(bytes) + " bytes");
+    if (!p) throw Error("out of host memory: failed to allocate " + std::to_string(bytes) + " bytes; " + kOutOfMemoryHint);
     const std::size_t now = allocated_.fetch_add(bytes) + bytes;
     std::size_t peak = peak_.load();
     while (now > peak && !peak_.compare_exchange_weak(peak, now)) {

@@ -16,4 +16,9 @@ struct MemoryStats {
   std::uint64_t system_allocations = 0;  // of those, the ones that went to the system (cache misses)
 };
 
+// What an out-of-memory error tells the user to try (both allocators append it): the flags of `qlora train`
+// that lower the activation memory of a step.
+inline constexpr const char* kOutOfMemoryHint =
+    "try a smaller --micro-batch or --seq-len, or recompute activations with --checkpointing";
+
 }  // namespace qlora

@@ -145,9 +145,8 @@ QLORA_HD IntGrid int_grid_mse_search(IntKind kind, int bits, const float* w, std
   return best;
 }
 
-// Quantizes one group of n values: its grid (plain or MSE-searched) and its n codes (unpacked).
-QLORA_HD IntGrid quantize_int_group(IntKind kind, int bits, bool mse_search, const float* w, std::int64_t n,
-                                  std::uint8_t* codes) {
+// The grid of one group of n values (plain or MSE-searched): what RTN and GPTQ fit to a group.
+QLORA_HD IntGrid int_group_grid(IntKind kind, int bits, bool mse_search, const float* w, std::int64_t n) {
   float min = w[0], max = w[0];
   for (std::int64_t j = 1; j < n; ++j) {
     min = std::min(min, w[j]);
@@ -155,7 +154,13 @@ QLORA_HD IntGrid quantize_int_group(IntKind kind, int bits, bool mse_search, con
   }
   float lo, hi;
   int_range(kind, min, max, lo, hi);
-  const IntGrid g = mse_search ? int_grid_mse_search(kind, bits, w, n, lo, hi) : int_grid_from_range(kind, bits, lo, hi);
+  return mse_search ? int_grid_mse_search(kind, bits, w, n, lo, hi) : int_grid_from_range(kind, bits, lo, hi);
+}
+
+// Quantizes one group of n values: its grid (plain or MSE-searched) and its n codes (unpacked).
+QLORA_HD IntGrid quantize_int_group(IntKind kind, int bits, bool mse_search, const float* w, std::int64_t n,
+                                  std::uint8_t* codes) {
+  const IntGrid g = int_group_grid(kind, bits, mse_search, w, n);
   for (std::int64_t j = 0; j < n; ++j) codes[j] = encode_int(kind, bits, w[j], g);
   return g;
 }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "qlora/core/error.hpp"
 #include "qlora/core/tensor.hpp"
@@ -42,6 +43,12 @@ class Communicator {
 
   // Host scalars and bytes, for metrics, rank-0 decisions and the NCCL unique id.
   virtual double all_reduce_sum(double value) = 0;
+  // The element-wise sum over ranks of host doubles (every rank passes as many). The default issues one
+  // scalar all-reduce per element; the MPI backend sends them in one collective.
+  virtual std::vector<double> all_reduce_sums(std::vector<double> values) {
+    for (double& v : values) v = all_reduce_sum(v);
+    return values;
+  }
   // Returns root's `bytes` on every rank (the other ranks' argument is ignored; its length may differ).
   virtual std::string broadcast_bytes(const std::string& bytes, int root) = 0;
 

@@ -2,8 +2,9 @@
 // GradientBucketer: the data-parallel gradient all-reduce. The parameters' gradients are laid end to end,
 // in the order given, and cut into flat buckets of about `bucket_bytes`; a gradient may straddle a cut.
 // During the backward the trainer calls mark_ready(param) once the param's gradient is final; each bucket
-// whose gradients are all final is packed, averaged over the ranks (all_reduce_mean_) and unpacked into
-// the gradients. After the backward, finish() waits for the reductions.
+// whose gradients are all final is packed, averaged over the ranks (all_reduce_mean_; or summed,
+// all_reduce_sum_, with Reduction::sum) and unpacked into the gradients. After the backward, finish() waits
+// for the reductions.
 //
 // * Buckets are reduced strictly in bucket order, whatever the order of mark_ready calls, so every rank
 //   issues the same collectives in the same order (the precondition of MPI and NCCL). Give the params in
@@ -40,10 +41,14 @@ class GradientBucketer {
  public:
   static constexpr std::size_t kDefaultBucketBytes = std::size_t(25) << 20;  // PyTorch DDP's default
 
+  // mean: each rank's gradient is its mean over its share of the batch (equal shares). sum: the ranks have
+  // already weighted their gradients (the trainer weights by target tokens), only the sum is left to do.
+  enum class Reduction { mean, sum };
+
   // `params` must outlive the bucketer; all on one device that `comm` supports, none frozen, no repeats.
   GradientBucketer(Communicator& comm, std::vector<autograd::Param*> params,
-                   std::size_t bucket_bytes = kDefaultBucketBytes)
-      : comm_(comm), params_(std::move(params)) {
+                   std::size_t bucket_bytes = kDefaultBucketBytes, Reduction reduction = Reduction::mean)
+      : comm_(comm), params_(std::move(params)), reduction_(reduction) {
     if (params_.empty()) throw Error("gradient bucketer: no parameters to reduce");
     if (bucket_bytes == 0) throw Error("gradient bucketer: the bucket size must be positive");
     device_ = params_.front() ? params_.front()->value.device() : Device::cpu();
@@ -220,7 +225,8 @@ class GradientBucketer {
 #endif
     for (const Segment& s : b.segments)
       flat_part(b.buffer, s.bucket_offset, s.numel).copy_from(flat_part(params_[s.param]->grad, s.param_offset, s.numel));
-    comm_.all_reduce_mean_(b.buffer);
+    if (reduction_ == Reduction::mean) comm_.all_reduce_mean_(b.buffer);
+    else comm_.all_reduce_sum_(b.buffer);
     for (const Segment& s : b.segments) {
       Tensor part = flat_part(params_[s.param]->grad, s.param_offset, s.numel);
       part.copy_from(flat_part(b.buffer, s.bucket_offset, s.numel));
@@ -229,6 +235,7 @@ class GradientBucketer {
 
   Communicator& comm_;
   std::vector<autograd::Param*> params_;
+  Reduction reduction_;
   std::unordered_map<const autograd::Param*, std::size_t> index_;
   Device device_;
   std::vector<Bucket> buckets_;

@@ -130,6 +130,13 @@ class MpiCommunicator final : public Communicator {
     return sum;
   }
 
+  std::vector<double> all_reduce_sums(std::vector<double> values) override {
+    // The tensor path, on a view of the vector: the same agreement check and chunking.
+    Tensor view = Tensor::wrap(values.data(), Shape{std::int64_t(values.size())}, DType::f64, Device::cpu(), [](void*) {});
+    all_reduce_sum_(view);
+    return values;
+  }
+
   std::string broadcast_bytes(const std::string& bytes, int root) override {
     detail::check_root(*this, "broadcast_bytes", root);
     std::int64_t length = std::int64_t(bytes.size());

@@ -32,10 +32,18 @@ class SingleProcessCommunicator final : public Communicator {
   void barrier() override {}
 
   double all_reduce_sum(double value) override { return value; }
+  std::vector<double> all_reduce_sums(std::vector<double> values) override { return values; }
   std::string broadcast_bytes(const std::string& bytes, int root) override {
     detail::check_root(*this, "broadcast_bytes", root);
     return bytes;
   }
 };
+
+// The world of one that code taking a Communicator& uses when it is given none (stateless, so one
+// instance serves every caller).
+inline Communicator& single_process() {
+  static SingleProcessCommunicator world_of_one;
+  return world_of_one;
+}
 
 }  // namespace qlora::dist

@@ -258,9 +258,11 @@ class GgufCursor {
         QLORA_CHECK(depth < 8, where() + ": " + what + " nests arrays too deeply");
         const auto element_type = read_type(what + " (element type)");
         const auto count = read<std::uint64_t>(what + " (count)");
-        // Every element takes at least one byte: a count beyond the file is corrupt, refuse it before allocating.
-        QLORA_CHECK(count <= remaining(), where() + ": " + what + " claims " + std::to_string(count) +
-                                              " elements but only " + std::to_string(remaining()) + " bytes remain");
+        // Every element takes at least min_value_bytes: a count beyond the file is corrupt, refuse it before allocating.
+        QLORA_CHECK(count <= remaining() / min_value_bytes(element_type),
+                    where() + ": " + what + " claims " + std::to_string(count) + " elements of " +
+                        std::string(gguf_type_name(element_type)) + " but only " + std::to_string(remaining()) +
+                        " bytes remain");
         GgufValue v{GgufType::array, std::uint64_t(0), element_type, {}};
         v.elements.reserve(std::size_t(count));
         for (std::uint64_t i = 0; i < count; ++i) v.elements.push_back(read_value(element_type, what, depth + 1));
@@ -275,6 +277,18 @@ class GgufCursor {
     return GgufType(t);
   }
   std::string where() const { return file_.path().string(); }
+
+  // The fewest bytes a value of `type` takes in the file (a string its length, an array its type and count).
+  static std::uint64_t min_value_bytes(GgufType type) {
+    switch (type) {
+      case GgufType::u8: case GgufType::i8: case GgufType::boolean: return 1;
+      case GgufType::u16: case GgufType::i16: return 2;
+      case GgufType::u32: case GgufType::i32: case GgufType::f32: return 4;
+      case GgufType::u64: case GgufType::i64: case GgufType::f64: case GgufType::string: return 8;
+      case GgufType::array: return 12;
+    }
+    return 1;
+  }
 
  private:
   const std::byte* take(std::uint64_t n, const std::string& what) {
@@ -323,7 +337,8 @@ class GgufFile {
     }
     if (has("general.alignment")) {
       const std::int64_t a = get("general.alignment").as_int(where + ": general.alignment");
-      QLORA_CHECK(a > 0 && (a & (a - 1)) == 0, where + ": general.alignment " + std::to_string(a) + " is not a power of two");
+      QLORA_CHECK(a > 0 && (a & (a - 1)) == 0 && a <= std::int64_t(UINT32_MAX),
+                  where + ": general.alignment " + std::to_string(a) + " is not a power of two that fits in 32 bits");
       alignment_ = std::uint32_t(a);
     }
     for (std::uint64_t i = 0; i < tensor_count; ++i) {
@@ -355,10 +370,13 @@ class GgufFile {
     }
     data_start_ = detail::align_up(in.pos(), alignment_);
     for (const auto& t : tensors_) {
-      const std::uint64_t begin = data_start_ + t.offset;
-      QLORA_CHECK(begin <= file_->size() && t.nbytes <= file_->size() - begin,
-                  where + ": tensor " + t.name + " data [" + std::to_string(begin) + ", " + std::to_string(begin + t.nbytes) +
-                      ") runs past the end of the file (" + std::to_string(file_->size()) + " bytes): truncated file?");
+      // Compared without adding first: a corrupt offset near 2^64 would wrap the sum back into the file.
+      QLORA_CHECK(data_start_ <= file_->size() && t.offset <= file_->size() - data_start_ &&
+                      t.nbytes <= file_->size() - data_start_ - t.offset,
+                  where + ": tensor " + t.name + " data (" + std::to_string(t.nbytes) + " bytes at offset " +
+                      std::to_string(t.offset) + " of the data section, which starts at byte " +
+                      std::to_string(data_start_) + ") runs past the end of the file (" +
+                      std::to_string(file_->size()) + " bytes): truncated file?");
     }
     std::vector<const GgufTensorInfo*> by_offset;
     for (const auto& t : tensors_)
@@ -422,7 +440,19 @@ class GgufFile {
     const std::string what = "tensor " + name + " in " + path().string();
     const Shape shape = t.shape();
     std::byte* p = file_->data() + data_start_ + t.offset;
+    // A file with general.alignment 1 or 2 may place data at an address unaligned for its elements (or for
+    // the 2-byte scale of a quantized block): such data is copied first, never read through a misaligned pointer.
+    std::vector<std::byte> aligned_copy;
+    if (reinterpret_cast<std::uintptr_t>(p) % 8 != 0 && t.nbytes > 0) {
+      aligned_copy.assign(p, p + t.nbytes);  // std::vector's buffer comes from operator new: 16-byte aligned
+      p = aligned_copy.data();
+    }
     const auto view = [&](DType stored) {
+      if (!aligned_copy.empty()) {
+        Tensor copy = Tensor::empty(shape, stored);
+        std::memcpy(copy.data(), p, copy.nbytes());
+        return dtype && *dtype != stored ? copy.to(*dtype) : copy;
+      }
       std::shared_ptr<const MappedFile> keep = file_;
       Tensor v = Tensor::wrap(p, shape, stored, Device::cpu(), [keep](void*) {});
       return dtype && *dtype != stored ? v.to(*dtype) : v;

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -51,6 +52,9 @@ class Llama2cCheckpoint {
                                                    " bytes, fewer than the 28-byte llama2.c header");
     std::int32_t h[7];
     std::memcpy(h, file_->data(), sizeof h);
+    // -2^31 has no positive counterpart (negating it is undefined): no checkpoint stores it.
+    QLORA_CHECK(h[5] != std::numeric_limits<std::int32_t>::min(),
+                where + ": llama2.c header field vocab_size is " + std::to_string(h[5]) + ": not a llama2.c checkpoint?");
     header_ = {h[0], h[1], h[2], h[3], h[4], h[5] < 0 ? -h[5] : h[5], h[6], h[5] > 0};
     const auto positive = [&](std::int32_t v, const char* field) {
       QLORA_CHECK(v > 0, where + ": llama2.c header field " + field + " is " + std::to_string(v) + " (header " +

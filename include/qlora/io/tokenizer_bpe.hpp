@@ -109,8 +109,14 @@ class BpeTokenizer final : public Tokenizer {
   // `name` (a path) labels error messages.
   BpeTokenizer(BpeVocabulary vocab, const std::string& name) : vocab_(std::move(vocab)) {
     std::int32_t size = std::int32_t(vocab_.tokens.size());
+    // Special tokens extend the vocabulary by at most their number: a file claiming id 2^31 - 1 would
+    // otherwise make us allocate 2^31 strings (and overflow size).
+    const std::size_t id_limit = vocab_.tokens.size() + vocab_.special_tokens.size();
     for (const SpecialToken& s : vocab_.special_tokens) {
       QLORA_CHECK(s.id >= 0, "tokenizer: '" + name + "' has special token '" + s.text + "' with a negative id");
+      QLORA_CHECK(std::size_t(s.id) < id_limit, "tokenizer: '" + name + "' has special token '" + s.text + "' with id " +
+                                                    std::to_string(s.id) + ", beyond its " + std::to_string(id_limit) +
+                                                    " tokens and special tokens");
       size = std::max(size, s.id + 1);
     }
     QLORA_CHECK(size > 0, "tokenizer: '" + name + "' has an empty vocabulary");

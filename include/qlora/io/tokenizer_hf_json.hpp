@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -53,6 +54,16 @@ inline void collect_pre_tokenizer(const nlohmann::json& pre, std::vector<std::st
   } else {
     throw Error("tokenizer: '" + path + "' has unsupported pre-tokenizer type '" + type + "'");
   }
+}
+
+// A token id of the file: a non-negative integer that fits in 32 bits (a float or a huge number would
+// otherwise be converted with undefined behaviour, or wrap).
+inline std::int32_t token_id(const nlohmann::json& id, const std::string& what, const std::string& path) {
+  QLORA_CHECK(id.is_number_integer(), "tokenizer: '" + path + "' gives " + what + " the id " + id.dump() + ", not an integer");
+  QLORA_CHECK(id.is_number_unsigned() || id.get<std::int64_t>() >= 0, "tokenizer: '" + path + "' gives " + what + " a negative id");
+  QLORA_CHECK(id.get<std::uint64_t>() <= std::uint64_t(INT32_MAX),
+              "tokenizer: '" + path + "' gives " + what + " the id " + id.dump() + ", beyond 32 bits");
+  return std::int32_t(id.get<std::uint64_t>());
 }
 
 inline std::string special_token_content(const nlohmann::json& entry) {
@@ -120,10 +131,16 @@ inline std::unique_ptr<BpeTokenizer> load_hf_tokenizer_json(const std::string& p
     vocab.ignore_merges = model.value("ignore_merges", false);
 
     const auto& entries = model.at("vocab");
+    // Ids are dense: below the number of entries plus added tokens (which may fill holes). A larger id is
+    // a corrupt file that would make us allocate that many strings.
+    const std::size_t added = json.contains("added_tokens") && json.at("added_tokens").is_array() ? json.at("added_tokens").size() : 0;
+    const std::size_t id_limit = entries.size() + added;
     detail::PieceToId ids;
     for (const auto& [token, id_json] : entries.items()) {
-      const auto id = id_json.get<std::int32_t>();
-      QLORA_CHECK(id >= 0, "tokenizer: '" + path + "' gives token '" + token + "' a negative id");
+      const auto id = detail::token_id(id_json, "token '" + token + "'", path);
+      QLORA_CHECK(std::size_t(id) < id_limit, "tokenizer: '" + path + "' gives token '" + token + "' id " +
+                                                  std::to_string(id) + ", beyond its " + std::to_string(id_limit) +
+                                                  " vocabulary entries and added tokens");
       if (std::size_t(id) >= vocab.tokens.size()) vocab.tokens.resize(std::size_t(id) + 1);
       vocab.tokens[std::size_t(id)] = detail::vocab_token_bytes(token);
       ids.emplace(token, id);
@@ -145,7 +162,8 @@ inline std::unique_ptr<BpeTokenizer> load_hf_tokenizer_json(const std::string& p
     }
     if (json.contains("added_tokens")) {
       for (const auto& added : json.at("added_tokens")) {
-        vocab.special_tokens.push_back({added.at("content").get<std::string>(), added.at("id").get<std::int32_t>(),
+        const std::string content = added.at("content").get<std::string>();
+        vocab.special_tokens.push_back({content, detail::token_id(added.at("id"), "added token '" + content + "'", path),
                                         added.value("special", false)});
       }
     }

@@ -4,6 +4,8 @@
 // dequantize their weights (one layer at a time, never the whole model).
 
 #include <cstdint>
+#include <functional>
+#include <string>
 
 #include "qlora/core/tensor.hpp"
 
@@ -31,6 +33,9 @@ struct Context {
   std::uint64_t seed = 0;  // dropout masks derive from (seed, step, the module's stream id)
   std::uint64_t step = 0;
   Workspace workspace;
+  // Calibration hook (PTQ, CLoQ): when set, every linear calls it with its name and its input rows
+  // (tokens, d_in) before computing its output. Unset in training and inference.
+  std::function<void(const std::string& layer, const Tensor& x)> observe_linear_input;
 };
 
 // A 64-bit mix (splitmix64's finaliser) that gives every (seed, step, module) its own dropout stream.

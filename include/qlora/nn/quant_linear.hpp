@@ -21,6 +21,7 @@
 #include "qlora/nn/merge.hpp"
 #include "qlora/nn/no_adapter.hpp"
 #include "qlora/nn/quantized_base.hpp"
+#include "qlora/quant/activation_quant.hpp"
 
 namespace qlora::nn {
 
@@ -44,6 +45,11 @@ class Linear {
   virtual std::string describe() const = 0;            // "nf4 + qblora(p=2, k=2, r=128)"
   virtual std::size_t base_bytes() const = 0;          // storage of the frozen base
 
+  // W4A8 (docs/nn.md): the base path sees its input fake-quantized per token to `bits` (4..8; 0 = off),
+  // the adapter path the unquantized input; the backward is the straight-through estimator.
+  virtual void set_activation_bits(int bits) = 0;
+  virtual int activation_bits() const = 0;
+
   // W + dW as a dense CPU matrix in dtype: any adapter merges into a dense copy.
   virtual Tensor merged_weight(DType dtype = DType::f32) const = 0;
   // Folds the adapter into the base in place, exactly (dense: W += dW; asymmetric INT with p a multiple of
@@ -52,6 +58,8 @@ class Linear {
   virtual void merge() = 0;
   // The adapter as an ordinary LoRA (rank r', A_full = A P_p, B_full = E_k B); none for other adapters.
   virtual std::optional<PlainLora> plain_lora() const = 0;
+  // The quantized base as stored (saving a quantized model); nullptr for a dense base.
+  virtual const quant::QuantizedTensor* quantized_weight() const { return nullptr; }
 
  protected:
   explicit Linear(std::string name) : name_(std::move(name)) {}
@@ -79,7 +87,8 @@ class QuantLinear final : public Linear {
 
   Tensor forward(Context& ctx, const Tensor& x) override {
     const Tensor x2 = flatten(x, in_features(), "input");
-    Tensor y = base_.forward(ctx, x2);
+    if (ctx.observe_linear_input) ctx.observe_linear_input(name(), x2);
+    Tensor y = base_.forward(ctx, activation_bits_ > 0 ? quant::fake_quantize_per_token(x2, activation_bits_) : x2);
     if (y.dtype() != x2.dtype()) y = y.to(x2.dtype());  // the f32 GEMV path under f32 inputs is a no-op
     adapter_.forward(ctx, x2, y, mix_seed(ctx.seed, ctx.step, stream_id_));
     return y.reshape(x.shape().with_dim(-1, out_features()));
@@ -99,9 +108,16 @@ class QuantLinear final : public Linear {
   AdapterShape adapter_shape() const override { return adapter_.shape(); }
   std::size_t base_bytes() const override { return base_.storage_bytes(); }
 
+  void set_activation_bits(int bits) override {
+    if (bits != 0) quant::check_activation_bits(bits, name());
+    activation_bits_ = bits;
+  }
+  int activation_bits() const override { return activation_bits_; }
+
   std::string describe() const override {
     const AdapterShape a = adapter_.shape();
     std::string s = base_.describe();
+    if (activation_bits_ > 0) s += " a" + std::to_string(activation_bits_);  // "int4-g128 a8": W4A8
     if (a.kind == AdapterKind::none) return s;
     s += " + " + std::string(adapter_kind_name(a.kind)) + "(p=" + std::to_string(a.pool) +
          ", k=" + std::to_string(a.repeat);
@@ -134,6 +150,11 @@ class QuantLinear final : public Linear {
     else return std::nullopt;
   }
 
+  const quant::QuantizedTensor* quantized_weight() const override {
+    if constexpr (std::is_same_v<Base, DenseBase>) return nullptr;
+    else return &base_.quantized();
+  }
+
  private:
   Device base_device() const {
     if constexpr (std::is_same_v<Base, DenseBase>) return base_.weight().device();
@@ -150,6 +171,7 @@ class QuantLinear final : public Linear {
   Base base_;
   Adapter adapter_;
   std::uint64_t stream_id_;
+  int activation_bits_ = 0;
 };
 
 }  // namespace qlora::nn

@@ -47,6 +47,21 @@ inline void check_weight_values(const float* w, std::int64_t rows, std::int64_t 
   }
 }
 
+// Stores the f32 block constants absmax [rows, groups_per_row] of an NF4 tensor whose codes are set: as its
+// scales, or double quantized (absmax_codes, absmax_scales, absmax_mean) when the config asks for it.
+inline void store_nf4_block_absmax(QuantizedTensor& q, const Tensor& absmax) {
+  if (!q.config.double_quant) {
+    q.scales = absmax;
+    return;
+  }
+  const std::int64_t n = q.rows * q.groups_per_row();
+  q.absmax_codes = Tensor::empty(Shape{n}, DType::u8);
+  q.absmax_scales = Tensor::empty(Shape{(n + kDoubleQuantBlock - 1) / kDoubleQuantBlock}, DType::f32);
+  q.absmax_mean = cpu::double_quant_mean(absmax.data<float>(), n);
+  cpu::double_quant_encode(absmax.data<float>(), n, q.absmax_mean, q.absmax_codes.data<std::uint8_t>(),
+                           q.absmax_scales.data<float>());
+}
+
 }  // namespace detail
 
 // w: f32 or f64 [rows, cols] on the CPU. f64 input is rounded to f32 first (the stored format is f16/f32,
@@ -81,16 +96,7 @@ inline QuantizedTensor quantize(const Tensor& w, const QuantConfig& cfg) {
   if (cfg.scheme == Scheme::nf4) {
     Tensor absmax = Tensor::empty(Shape{q.rows, gpr}, DType::f32);
     cpu::quantize_nf4_rows(wp, q.rows, q.cols, group, q.codes.data<std::uint8_t>(), absmax.data<float>());
-    if (!cfg.double_quant) {
-      q.scales = absmax;
-      return q;
-    }
-    const std::int64_t n = q.rows * gpr;
-    q.absmax_codes = Tensor::empty(Shape{n}, DType::u8);
-    q.absmax_scales = Tensor::empty(Shape{(n + kDoubleQuantBlock - 1) / kDoubleQuantBlock}, DType::f32);
-    q.absmax_mean = cpu::double_quant_mean(absmax.data<float>(), n);
-    cpu::double_quant_encode(absmax.data<float>(), n, q.absmax_mean, q.absmax_codes.data<std::uint8_t>(),
-                             q.absmax_scales.data<float>());
+    detail::store_nf4_block_absmax(q, absmax);
     return q;
   }
 

@@ -13,6 +13,10 @@
 //
 // GSM8K: greedy generation; the answer is the number after "####" if the model wrote one, else the last
 // number in the generated text (the harness's strict and flexible extractions); commas are removed.
+//
+// Across ranks (a dist::Communicator of more than one process): perplexity's batches of windows and the
+// multiple-choice questions are dealt round robin (dist::ShardedRows); each item's result reaches every rank
+// exactly and the items are summed in order, so N processes report the one-process numbers bit for bit.
 
 #include <cctype>
 #include <cmath>
@@ -23,6 +27,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "qlora/dist/communicator.hpp"
+#include "qlora/dist/fail_together.hpp"
+#include "qlora/dist/sharded_rows.hpp"
+#include "qlora/dist/single_process.hpp"
 #include "qlora/io/tokenizer.hpp"
 #include "qlora/train/data_loader.hpp"
 #include "qlora/train/json_files.hpp"
@@ -43,30 +51,41 @@ struct PerplexityResult {
   nlohmann::json to_json() const { return {{"ppl", ppl}, {"nll", nll}, {"tokens", tokens}, {"windows", windows}}; }
 };
 
-// score(batch) returns the summed NLL of the batch's targets. Windows are scored `batch_size` at a time;
-// `on_window(done, total)` (optional) reports progress.
+// score(batch) returns the summed NLL of the batch's targets. Windows are scored `batch_size` at a time, the
+// batches dealt to the ranks of `comm`; `on_window(done, total)` (optional) reports progress (an estimate of
+// the windows done by all ranks, from this rank's own).
 inline PerplexityResult perplexity(const std::vector<std::int32_t>& ids, std::int64_t seq_len,
                                    const std::function<NllSum(const Batch&)>& score, std::int64_t batch_size = 1,
-                                   const std::function<void(std::int64_t, std::int64_t)>& on_window = {}) {
+                                   const std::function<void(std::int64_t, std::int64_t)>& on_window = {},
+                                   dist::Communicator& comm = dist::single_process()) {
+  if (batch_size < 1) throw Error("perplexity: the batch size must be >= 1, got " + std::to_string(batch_size));
   const std::vector<Example> windows = chunk_tokens(ids, seq_len);
   if (windows.empty())
     throw Error("perplexity: the text has " + std::to_string(ids.size()) + " tokens, fewer than one window of " +
                 std::to_string(seq_len));
+  const std::int64_t total = std::int64_t(windows.size());
+  const std::int64_t batches = (total + batch_size - 1) / batch_size;
+  dist::ShardedRows rows(comm, batches, 2);
+  dist::fail_together(comm, [&] {  // an error on one rank must not leave the others waiting in exchange()
+    for (std::int64_t k = 0; k < batches; ++k) {
+      if (!rows.mine(k)) continue;
+      const std::int64_t start = k * batch_size, end = std::min(total, start + batch_size);
+      std::vector<const Example*> chunk;
+      for (std::int64_t i = start; i < end; ++i) chunk.push_back(&windows[std::size_t(i)]);
+      const NllSum s = score(make_batch(chunk, 0));
+      if (!std::isfinite(s.nll))
+        throw Error("perplexity: the model produced a non-finite loss in window " + std::to_string(start));
+      rows.row(k)[0] = s.nll;
+      rows.row(k)[1] = double(s.tokens);
+      if (on_window) on_window(std::min(total, (k + 1) * batch_size), total);
+    }
+  });
+  rows.exchange();
+  const std::vector<double> sums = rows.column_sums();
   PerplexityResult r;
-  for (std::size_t start = 0; start < windows.size(); start += std::size_t(batch_size)) {
-    std::vector<const Example*> chunk;
-    for (std::size_t i = start; i < std::min(windows.size(), start + std::size_t(batch_size)); ++i)
-      chunk.push_back(&windows[i]);
-    const NllSum s = score(make_batch(chunk, 0));
-    if (!std::isfinite(s.nll)) throw Error("perplexity: the model produced a non-finite loss in window " +
-                                           std::to_string(start));
-    r.nll += s.nll;
-    r.tokens += s.tokens;
-    if (on_window) on_window(std::int64_t(std::min(windows.size(), start + std::size_t(batch_size))),
-                             std::int64_t(windows.size()));
-  }
-  r.windows = std::int64_t(windows.size());
-  r.nll /= double(r.tokens);
+  r.windows = total;
+  r.tokens = std::int64_t(sums[1]);
+  r.nll = sums[0] / sums[1];
   r.ppl = std::exp(r.nll);
   return r;
 }
@@ -138,28 +157,37 @@ struct MultipleChoiceResult {
   nlohmann::json to_json() const { return {{"acc", acc}, {"acc_norm", acc_norm}, {"questions", questions}}; }
 };
 
-// loglik(context_ids, continuation_ids) = sum of log p(continuation | context).
+// loglik(context_ids, continuation_ids) = sum of log p(continuation | context). The questions are dealt to
+// the ranks of `comm`.
 inline MultipleChoiceResult multiple_choice(
     const io::Tokenizer& tokenizer, const std::vector<MultipleChoiceItem>& items,
-    const std::function<double(const std::vector<std::int32_t>&, const std::vector<std::int32_t>&)>& loglik) {
-  MultipleChoiceResult r;
-  for (const MultipleChoiceItem& item : items) {
-    const std::string context = "Question: " + item.question + "\nAnswer:";
-    std::int64_t best = 0, best_norm = 0;
-    double best_ll = -INFINITY, best_ll_norm = -INFINITY;
-    for (std::size_t c = 0; c < item.choices.size(); ++c) {
-      const auto [ctx, cont] = encode_pair(tokenizer, context, " " + item.choices[c]);
-      const double ll = loglik(ctx, cont);
-      const double ll_norm = ll / double(std::max<std::size_t>(1, item.choices[c].size()));
-      if (ll > best_ll) best_ll = ll, best = std::int64_t(c);
-      if (ll_norm > best_ll_norm) best_ll_norm = ll_norm, best_norm = std::int64_t(c);
+    const std::function<double(const std::vector<std::int32_t>&, const std::vector<std::int32_t>&)>& loglik,
+    dist::Communicator& comm = dist::single_process()) {
+  dist::ShardedRows rows(comm, std::int64_t(items.size()), 2);  // per question: acc hit, acc_norm hit
+  dist::fail_together(comm, [&] {
+    for (std::size_t q = 0; q < items.size(); ++q) {
+      if (!rows.mine(std::int64_t(q))) continue;
+      const MultipleChoiceItem& item = items[q];
+      const std::string context = "Question: " + item.question + "\nAnswer:";
+      std::int64_t best = 0, best_norm = 0;
+      double best_ll = -INFINITY, best_ll_norm = -INFINITY;
+      for (std::size_t c = 0; c < item.choices.size(); ++c) {
+        const auto [ctx, cont] = encode_pair(tokenizer, context, " " + item.choices[c]);
+        const double ll = loglik(ctx, cont);
+        const double ll_norm = ll / double(std::max<std::size_t>(1, item.choices[c].size()));
+        if (ll > best_ll) best_ll = ll, best = std::int64_t(c);
+        if (ll_norm > best_ll_norm) best_ll_norm = ll_norm, best_norm = std::int64_t(c);
+      }
+      rows.row(std::int64_t(q))[0] = best == item.answer;
+      rows.row(std::int64_t(q))[1] = best_norm == item.answer;
     }
-    r.acc += best == item.answer;
-    r.acc_norm += best_norm == item.answer;
-  }
+  });
+  rows.exchange();
+  const std::vector<double> hits = rows.column_sums();
+  MultipleChoiceResult r;
   r.questions = std::int64_t(items.size());
-  r.acc /= double(r.questions);
-  r.acc_norm /= double(r.questions);
+  r.acc = hits[0] / double(r.questions);
+  r.acc_norm = hits[1] / double(r.questions);
   return r;
 }
 

@@ -135,6 +135,20 @@ inline const std::vector<std::string>& hf_tokenizer_files() {
   return names;
 }
 
+// Copies the tokenizer files of source_dir (a HF directory; empty or not a directory: none) into out_dir.
+// Returns the names copied.
+inline std::vector<std::string> copy_tokenizer_files(const std::filesystem::path& source_dir,
+                                                     const std::filesystem::path& out_dir) {
+  std::vector<std::string> copied;
+  if (source_dir.empty() || !std::filesystem::is_directory(source_dir)) return copied;
+  for (const std::string& name : hf_tokenizer_files())
+    if (std::filesystem::exists(source_dir / name)) {
+      std::filesystem::copy_file(source_dir / name, out_dir / name);
+      copied.push_back(name);
+    }
+  return copied;
+}
+
 // Writes OUT/model.safetensors (merged weights in dtype f32 / bf16 / f16, HF q/k convention), OUT/config.json
 // and the tokenizer files of source_dir (a HF directory; empty: none). Returns the tokenizer files copied.
 inline std::vector<std::string> export_hf(models::llama::Model& model, const std::filesystem::path& out_dir,
@@ -148,13 +162,7 @@ inline std::vector<std::string> export_hf(models::llama::Model& model, const std
   io::AtomicDirectory out(out_dir);
   io::write_safetensors(out.path() / "model.safetensors", tensors, {{"format", "pt"}});
   io::write_hf_config(out.path() / "config.json", config);
-  std::vector<std::string> copied;
-  if (!source_dir.empty() && std::filesystem::is_directory(source_dir))
-    for (const std::string& name : hf_tokenizer_files())
-      if (std::filesystem::exists(source_dir / name)) {
-        std::filesystem::copy_file(source_dir / name, out.path() / name);
-        copied.push_back(name);
-      }
+  const std::vector<std::string> copied = copy_tokenizer_files(source_dir, out.path());
   out.commit();
   return copied;
 }

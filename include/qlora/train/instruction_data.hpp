@@ -76,7 +76,7 @@ inline std::vector<InstructionRecord> read_instruction_file(const std::string& p
     nlohmann::json array;
     try {
       array = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number like 1e99999
       throw Error(path + ": not valid JSON (" + std::string(e.what()) + ")");
     }
     for (std::size_t i = 0; i < array.size(); ++i)

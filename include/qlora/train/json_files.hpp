@@ -18,7 +18,7 @@ inline nlohmann::json read_json_file(const std::string& path) {
   const std::string text = read_text_file(path, "JSON file");
   try {
     return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number like 1e99999
     throw Error(path + ": not valid JSON (" + std::string(e.what()) + ")");
   }
 }
@@ -39,7 +39,7 @@ inline void for_each_jsonl(const std::string& path, std::string_view text, std::
     nlohmann::json record;
     try {
       record = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // parse_error, and out_of_range for a number like 1e99999
       throw Error(where + ": not valid JSON (" + std::string(e.what()) + ")");
     }
     try {

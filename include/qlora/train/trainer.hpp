@@ -1,27 +1,55 @@
 #pragma once
-// The training loop: micro-batches with gradient accumulation, clipping, the schedule, AdamW, periodic
-// evaluation and checkpoints, metrics, and exact resumption. The model is a template parameter (any type
-// with forward_backward(ctx, ids, targets), evaluate_loss(ids, targets), params(), zero_grad(): the Llama
-// model of models/llama/ is one), so this layer does not depend on a model definition.
+// The training loop: micro-batches with gradient accumulation, data parallelism over the ranks of a
+// dist::Communicator, clipping, the schedule, AdamW, periodic evaluation and checkpoints, metrics, and exact
+// resumption. The model is a template parameter (any type with forward_backward(ctx, ids, targets),
+// evaluate_loss(ids, targets), params(), zero_grad(): the Llama model of models/llama/ is one), so this layer
+// does not depend on a model definition.
 //
-// One optimizer step = grad_accum = batch / micro_batch micro-batches. As in Hugging Face's Trainer, the
-// step's loss is the mean of the micro-batches' mean losses and the gradient is the sum of theirs divided by
-// grad_accum (folded into the optimizer step together with the clipping coefficient: no extra pass).
-// Dropout masks are keyed by (seed, micro-batch index), the data order by (seed, epoch), so a run resumed from
-// a checkpoint takes exactly the steps the uninterrupted run would have taken (bit for bit on the CPU).
+// One optimizer step takes `batch` examples (the GLOBAL batch, whatever the world size) in batch /
+// micro_batch micro-batches. Every rank draws all of them from the same seeded order and computes micro-batch
+// j when j % world_size == its rank: the micro-batches are the ones one process would form, and the loader's
+// position (hence every checkpoint) is the same on every rank and in one process.
+//
+// The step's loss is the mean over the valid target tokens of the whole global batch (sum of the
+// micro-batches' summed losses / their total target count), as transformers >= 4.46 computes it with
+// gradient accumulation (num_items_in_batch): it does not depend on how the batch is cut into micro-batches
+// or ranks. The model returns the gradient of each micro-batch's MEAN loss, g_j, with n_j targets; the step
+// needs sum_j n_j g_j / N. The gradients accumulate in place, so before micro-batch j the accumulated sum is
+// rescaled by n_prev / n_j (nothing to do when the counts are equal, as for text windows); afterwards it
+// holds sum_j (n_j / n_last) g_j. Each rank scales that by n_last / n_ref (n_ref: a count every rank knows)
+// before the all-reduce SUM, and n_ref / N is folded into the optimizer step with the clipping coefficient.
+// The gradient norm for clipping is the reduced gradient's, so clipping is the same on every rank.
+//
+// The all-reduce runs in buckets (dist::GradientBucketer). A model with an `after_block_backward` hook
+// (the Llama model) hands over each block's parameters as soon as its backward is done in the last
+// micro-batch, so on a GPU the reduction overlaps the rest of the backward; other models reduce after it.
+//
+// Dropout masks are keyed by (seed, step * micro-batches per step + j): different on every rank, and the
+// same as one process's for the same micro-batch. The data order is keyed by (seed, epoch), so a run resumed
+// from a checkpoint takes exactly the steps the uninterrupted run would have taken (bit for bit on the CPU
+// with the same world size). Rank 0 alone prints and writes (metrics, checkpoints); the others wait for each
+// checkpoint at a collective that also propagates a failure (dist::fail_together).
 
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "qlora/dist/communicator.hpp"
+#include "qlora/dist/fail_together.hpp"
+#include "qlora/dist/gradient_bucketer.hpp"
+#include "qlora/dist/sharded_rows.hpp"
+#include "qlora/dist/single_process.hpp"
 #include "qlora/nn/context.hpp"
+#include "qlora/ops/elementwise.hpp"
 #include "qlora/train/adamw.hpp"
 #include "qlora/train/checkpoint.hpp"
 #include "qlora/train/data_loader.hpp"
@@ -33,8 +61,8 @@ namespace qlora::train {
 
 struct TrainerConfig {
   std::int64_t steps = 100;
-  std::int64_t batch = 16;        // examples per optimizer step (QLoRA: 16)
-  std::int64_t micro_batch = 4;   // examples per forward/backward
+  std::int64_t batch = 16;        // examples per optimizer step over all ranks (QLoRA: 16)
+  std::int64_t micro_batch = 4;   // examples per forward/backward (on one rank)
   double lr = 2e-4;
   std::string schedule = "constant";
   std::int64_t warmup_steps = 0;
@@ -46,7 +74,8 @@ struct TrainerConfig {
   int keep_checkpoints = 2;
   bool skip_nonfinite = false;    // skip a step whose loss or gradient is NaN/Inf instead of stopping
   std::uint64_t seed = 0;
-  std::filesystem::path out;      // the run directory (must exist)
+  std::filesystem::path out;      // the run directory (must exist; rank 0 writes there, every rank reads on resume)
+  std::size_t bucket_bytes = dist::GradientBucketer::kDefaultBucketBytes;  // all-reduce bucket size
   nlohmann::json run = nlohmann::json::object();  // recorded in checkpoints; a resume must match it
   std::function<void(const std::string&)> print = [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); };
   std::function<std::size_t()> peak_memory = [] { return std::size_t(0); };
@@ -66,15 +95,26 @@ struct TrainSummary {
 template <class Model>
 class Trainer {
  public:
-  Trainer(Model& model, DataLoader& data, const std::vector<Example>* eval_set, TrainerConfig config)
-      : model_(model), data_(data), eval_(eval_set), cfg_(std::move(config)), params_(model.params()),
+  Trainer(Model& model, DataLoader& data, const std::vector<Example>* eval_set, TrainerConfig config,
+          dist::Communicator& comm = dist::single_process())
+      : model_(model), data_(data), eval_(eval_set), cfg_(std::move(config)), comm_(comm), params_(model.params()),
         optimizer_(params_, AdamWOptions{cfg_.lr, 0.9, 0.999, 1e-8, cfg_.weight_decay}),
         schedule_(LrSchedule::parse(ScheduleOptions{cfg_.schedule, cfg_.lr, cfg_.steps, cfg_.warmup_steps, 0.0, 0.0})) {
-    if (cfg_.batch < 1 || cfg_.micro_batch < 1 || cfg_.batch % cfg_.micro_batch != 0)
+    const std::int64_t world = comm_.size();
+    if (cfg_.batch < 1 || cfg_.micro_batch < 1 || cfg_.batch % (cfg_.micro_batch * world) != 0)
       throw Error("--batch " + std::to_string(cfg_.batch) + " must be a positive multiple of --micro-batch " +
-                  std::to_string(cfg_.micro_batch));
+                  std::to_string(cfg_.micro_batch) +
+                  (world > 1 ? " x " + std::to_string(world) + " processes (--batch is the global batch)" : ""));
     if (cfg_.steps < 1) throw Error("--steps must be >= 1, got " + std::to_string(cfg_.steps));
-    grad_accum_ = cfg_.batch / cfg_.micro_batch;
+    micro_batches_ = cfg_.batch / cfg_.micro_batch;
+    cfg_.run["world_size"] = world;
+    if (!comm_.is_root()) cfg_.print = [](const std::string&) {};
+    if (world > 1) {
+      // Buckets in the order the gradients become final: the last block's first.
+      std::vector<Param*> reverse(params_.rbegin(), params_.rend());
+      bucketer_ = std::make_unique<dist::GradientBucketer>(comm_, std::move(reverse), cfg_.bucket_bytes,
+                                                           dist::GradientBucketer::Reduction::sum);
+    }
   }
 
   AdamW& optimizer() { return optimizer_; }
@@ -82,12 +122,25 @@ class Trainer {
   // Continues from the newest complete checkpoint under `dir` (a run directory). The run configuration must
   // match the one recorded there, except for the number of steps.
   void resume(const std::filesystem::path& dir) {
-    const auto latest = latest_checkpoint(dir);
-    if (!latest) throw Error("--resume " + dir.string() + ": no complete checkpoint under " + (dir / "checkpoints").string());
-    const TrainerState state = load_checkpoint(*latest, params_, optimizer_);
+    std::optional<std::filesystem::path> latest;
+    TrainerState state;
+    dist::fail_together(comm_, [&] {
+      latest = latest_checkpoint(dir);
+      if (!latest)
+        throw Error("--resume " + dir.string() + ": no complete checkpoint under " + (dir / "checkpoints").string());
+      state = load_checkpoint(*latest, params_, optimizer_);
+    });
     nlohmann::json saved = state.run, wanted = cfg_.run;
-    saved.erase("steps");
-    wanted.erase("steps");
+    // Checkpoints from before data parallelism were written by one process.
+    const std::int64_t saved_world = saved.value("world_size", std::int64_t(1)), world = comm_.size();
+    if (saved_world != world)
+      throw Error("--resume " + latest->string() + ": the checkpoint was written by " + std::to_string(saved_world) +
+                  " process" + (saved_world > 1 ? "es" : "") + ", this run has " + std::to_string(world) +
+                  " (resume with the same world size: mpirun -np " + std::to_string(saved_world) + ")");
+    for (auto* j : {&saved, &wanted}) {
+      j->erase("steps");
+      j->erase("world_size");
+    }
     if (!saved.empty() && saved != wanted)
       throw Error("--resume " + latest->string() + ": the checkpoint was written by a run configured as " + saved.dump() +
                   ", this run is " + wanted.dump());
@@ -99,28 +152,21 @@ class Trainer {
   TrainSummary run() {
     TrainSummary summary;
     summary.resumed_from = start_step_;
-    MetricsLog log(cfg_.out / "metrics.jsonl", /*append=*/start_step_ > 0);
+    std::optional<MetricsLog> log;
+    dist::fail_together(comm_, [&] {
+      if (comm_.is_root()) log.emplace(cfg_.out / "metrics.jsonl", /*append=*/start_step_ > 0);
+    });
     const auto t0 = std::chrono::steady_clock::now();
     std::int64_t tokens_since_start = 0;
     for (std::int64_t step = start_step_; step < cfg_.steps; ++step) {
-      model_.zero_grad();
-      double loss = 0;
-      std::int64_t tokens = 0;
-      for (std::int64_t a = 0; a < grad_accum_; ++a) {
-        const Batch b = data_.next();
-        nn::Context ctx;
-        ctx.seed = cfg_.seed;
-        ctx.step = std::uint64_t(step * grad_accum_ + a);
-        const auto r = model_.forward_backward(ctx, b.tokens, b.targets);
-        loss += r.loss / double(grad_accum_);
-        tokens += b.tokens.numel();
-      }
-      const double norm = global_grad_norm(params_) / double(grad_accum_);
+      const StepResult r = forward_backward_step(step);
+      const double loss = r.loss, norm = r.grad_norm;
       const double lr = schedule_.lr(step);
       if (!std::isfinite(loss) || !std::isfinite(norm)) {
         const std::string what = "step " + std::to_string(step + 1) + ": " +
-                                 (!std::isfinite(loss) ? "the loss is " + std::to_string(loss)
-                                                       : "the gradient of " + first_nonfinite_param() + " is not finite");
+                                 (r.targets == 0 ? std::string("the batch has no target tokens (every label is masked)")
+                                  : !std::isfinite(loss) ? "the loss is " + std::to_string(loss)
+                                                         : "the gradient of " + first_nonfinite_param() + " is not finite");
         if (!cfg_.skip_nonfinite)
           throw Error(what + "; stopping without writing a checkpoint (rerun with --skip-nonfinite to skip such steps)");
         cfg_.print(what + "; step skipped");
@@ -128,10 +174,10 @@ class Trainer {
       } else {
         optimizer_.set_lr(lr);
         const double clip = cfg_.max_grad_norm > 0 ? clip_coefficient(norm, cfg_.max_grad_norm) : 1.0;
-        optimizer_.step(clip / double(grad_accum_));
+        optimizer_.step(clip * r.grad_scale);
       }
-      tokens_since_start += tokens;
-      summary.tokens += tokens;
+      tokens_since_start += r.tokens;
+      summary.tokens += r.tokens;
       summary.final_loss = loss;
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if ((step + 1) % cfg_.log_every == 0 || step + 1 == cfg_.steps) {
@@ -140,41 +186,142 @@ class Trainer {
         // progress_line's ETA is elapsed / step * remaining: scale this process's time to all steps so far.
         m.elapsed_seconds = elapsed / double(step + 1 - start_step_) * double(step + 1);
         cfg_.print(progress_line(m));
-        log.write({{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"tokens", tokens},
-                   {"tokens_per_s", m.tokens_per_second}, {"elapsed_s", elapsed}});
+        if (log)
+          log->write({{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"tokens", r.tokens},
+                      {"tokens_per_s", m.tokens_per_second}, {"elapsed_s", elapsed}});
       }
       const bool last = step + 1 == cfg_.steps;
       if (eval_ && !eval_->empty() && ((cfg_.eval_every > 0 && (step + 1) % cfg_.eval_every == 0) || last)) {
         summary.eval_loss = evaluate();
         cfg_.print("step " + std::to_string(step + 1) + "  eval loss " + std::to_string(summary.eval_loss));
-        log.write({{"step", step + 1}, {"eval_loss", summary.eval_loss}});
+        if (log) log->write({{"step", step + 1}, {"eval_loss", summary.eval_loss}});
       }
       if ((cfg_.save_every > 0 && (step + 1) % cfg_.save_every == 0) || last)
-        save_checkpoint(cfg_.out, params_, optimizer_, TrainerState{step + 1, data_.position(), cfg_.run},
-                        cfg_.keep_checkpoints);
+        dist::fail_together(comm_, [&] {  // the other ranks wait here until the checkpoint is complete
+          if (comm_.is_root())
+            save_checkpoint(cfg_.out, params_, optimizer_, TrainerState{step + 1, data_.position(), cfg_.run},
+                            cfg_.keep_checkpoints);
+        });
     }
     summary.steps = cfg_.steps;
     summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return summary;
   }
 
-  // Mean loss over the evaluation examples, in micro-batches, without dropout.
+  // Mean loss over the evaluation examples (without dropout), in micro-batches dealt to the ranks round
+  // robin; the per-micro-batch sums are added in order, so the result is one process's, bit for bit.
   double evaluate() {
-    double nll = 0;
-    std::int64_t count = 0;
-    for (std::size_t start = 0; start < eval_->size(); start += std::size_t(cfg_.micro_batch)) {
-      std::vector<const Example*> chunk;
-      for (std::size_t i = start; i < std::min(eval_->size(), start + std::size_t(cfg_.micro_batch)); ++i)
-        chunk.push_back(&(*eval_)[i]);
-      const Batch b = make_batch(chunk, 0);
-      const auto r = model_.evaluate_loss(b.tokens, b.targets);
-      nll += r.loss_sum;
-      count += r.valid_tokens;
-    }
-    return count > 0 ? nll / double(count) : NAN;
+    const std::int64_t chunks = (std::int64_t(eval_->size()) + cfg_.micro_batch - 1) / cfg_.micro_batch;
+    dist::ShardedRows rows(comm_, chunks, 2);
+    dist::fail_together(comm_, [&] {
+      for (std::int64_t c = 0; c < chunks; ++c) {
+        if (!rows.mine(c)) continue;
+        std::vector<const Example*> chunk;
+        const std::size_t start = std::size_t(c * cfg_.micro_batch);
+        for (std::size_t i = start; i < std::min(eval_->size(), start + std::size_t(cfg_.micro_batch)); ++i)
+          chunk.push_back(&(*eval_)[i]);
+        const Batch b = make_batch(chunk, 0);
+        const auto r = model_.evaluate_loss(b.tokens, b.targets);
+        rows.row(c)[0] = r.loss_sum;
+        rows.row(c)[1] = double(r.valid_tokens);
+      }
+    });
+    rows.exchange();
+    const std::vector<double> sums = rows.column_sums();
+    return sums[1] > 0 ? sums[0] / sums[1] : NAN;
   }
 
  private:
+  struct StepResult {
+    double loss = NAN;        // mean over the global batch's target tokens
+    double grad_norm = NAN;   // of the reduced gradient, sum_j n_j g_j / N
+    double grad_scale = 1;    // what the accumulated gradients still need to be multiplied by
+    std::int64_t targets = 0, tokens = 0;  // over the global batch
+  };
+
+  // The summed loss of a micro-batch with n targets, from whatever the model reports.
+  template <class R>
+  static double loss_sum_of(const R& r, std::int64_t n) {
+    if constexpr (requires { r.terms; }) return r.loss * double(n);  // an objective (RILQ, TI): its whole loss
+    else if constexpr (requires { r.loss_sum; }) return r.loss_sum;
+    else return r.loss * double(n);
+  }
+
+  // Forward and backward of this rank's micro-batches of the step, then the all-reduce (see the top).
+  StepResult forward_backward_step(std::int64_t step) {
+    const int world = comm_.size(), rank = comm_.rank();
+    struct Micro {
+      Batch batch;
+      std::int64_t index;
+    };
+    std::vector<Micro> mine;
+    std::vector<std::int64_t> last_count(std::size_t(world), 0);  // per rank: its last micro-batch with targets
+    StepResult r;
+    for (std::int64_t j = 0; j < micro_batches_; ++j) {
+      Batch b = data_.next();
+      r.targets += b.target_count;
+      r.tokens += b.tokens.numel();
+      const int owner = int(j % world);
+      if (b.target_count > 0) last_count[std::size_t(owner)] = b.target_count;
+      if (owner == rank) mine.push_back({std::move(b), j});
+    }
+    std::int64_t reference = 0;  // n_ref: the first rank's last count (every rank computes the same)
+    for (std::int64_t c : last_count)
+      if (reference == 0) reference = c;
+
+    model_.zero_grad();
+    std::size_t final_micro = mine.size();  // the last of this rank's micro-batches with targets
+    for (std::size_t k = 0; k < mine.size(); ++k)
+      if (mine[k].batch.target_count > 0) final_micro = k;
+    const double to_reference = reference > 0 ? double(last_count[std::size_t(rank)]) / double(reference) : 0.0;
+    std::unordered_set<Param*> handed_over;
+    // Scales a finished gradient to this rank's share of sum_j n_j g_j / n_ref and starts its reduction.
+    const auto hand_over = [&](Param* p) {
+      if (!handed_over.insert(p).second) return;
+      if (to_reference != 1.0 && p->grad.defined()) ops::scale_(p->grad, float(to_reference));
+      if (bucketer_) bucketer_->mark_ready(p);
+    };
+
+    double loss_sum = 0;
+    std::int64_t previous = 0;
+    for (std::size_t k = 0; k < mine.size(); ++k) {
+      const Batch& b = mine[k].batch;
+      if (b.target_count == 0) continue;  // no loss, no gradient
+      if (previous > 0 && previous != b.target_count) scale_grads(double(previous) / double(b.target_count));
+      nn::Context ctx;
+      ctx.seed = cfg_.seed;
+      ctx.step = std::uint64_t(step * micro_batches_ + mine[k].index);
+      const auto forward_backward = [&] { return loss_sum_of(model_.forward_backward(ctx, b.tokens, b.targets), b.target_count); };
+      if constexpr (requires(Model& m) { m.after_block_backward; }) {
+        if (bucketer_ && k == final_micro)  // hand each block over as its backward finishes
+          model_.after_block_backward = [&](const std::vector<Param*>& done) {
+            for (Param* p : done) hand_over(p);
+          };
+        struct Unhook {
+          Model& m;
+          ~Unhook() { m.after_block_backward = nullptr; }
+        } unhook{model_};
+        loss_sum += forward_backward();
+      } else {
+        loss_sum += forward_backward();
+      }
+      previous = b.target_count;
+    }
+    for (Param* p : params_) hand_over(p);  // what no hook handed over (or everything, without a hook)
+    if (bucketer_) bucketer_->finish();
+
+    const double global_loss_sum = comm_.all_reduce_sum(loss_sum);
+    r.loss = r.targets > 0 ? global_loss_sum / double(r.targets) : NAN;
+    r.grad_scale = r.targets > 0 ? double(reference) / double(r.targets) : 0.0;
+    r.grad_norm = r.targets > 0 ? global_grad_norm(params_) * r.grad_scale : NAN;
+    return r;
+  }
+
+  void scale_grads(double factor) {
+    for (Param* p : params_)
+      if (p->grad.defined()) ops::scale_(p->grad, float(factor));
+  }
+
   std::string first_nonfinite_param() const {
     for (Param* p : params_)
       if (!all_finite(std::span<Param* const>(&p, 1))) return "'" + p->name + "'";
@@ -185,11 +332,13 @@ class Trainer {
   DataLoader& data_;
   const std::vector<Example>* eval_;
   TrainerConfig cfg_;
+  dist::Communicator& comm_;
   std::vector<Param*> params_;
   AdamW optimizer_;
   LrSchedule schedule_;
-  std::int64_t grad_accum_ = 1;
+  std::int64_t micro_batches_ = 1;  // per step, over all ranks
   std::int64_t start_step_ = 0;
+  std::unique_ptr<dist::GradientBucketer> bucketer_;  // with more than one rank
 };
 
 }  // namespace qlora::train

@@ -1,0 +1,173 @@
+// qlora quantize MODEL --method rtn|nf4|gptq|comq|awq|aqas [--magr] [--bits B] [--group G] [--sym]
+//                      [--format NAME] [--act-bits 8] [--calib FILE] [--calib-samples N] [--calib-seq-len L]
+//                      [--seed S] [--damp D] [--act-order] [--device cpu|cuda] --out DIR
+// Post-training quantization of every block linear into a quantized model directory that eval, generate,
+// train and export load directly (docs/ptq.md). Calibrated methods sample GPTQ-style windows of --calib and
+// quantize block by block (models/llama/calibration.hpp); the methods are the table of ptq_methods.hpp.
+// DIR must not exist; it appears only when complete.
+
+#include <fmt/core.h>
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include "commands.hpp"
+#include "model_options.hpp"
+#include "ptq_methods.hpp"
+#include "qlora/train/export_quantized.hpp"
+
+namespace qlora::tool {
+namespace {
+
+struct QuantizeFlags {
+  std::string model, method, format, calib, tokenizer, out, device = "cpu", dense_dtype = "f32";
+  int bits = 4, group = 128, act_bits = 0;
+  bool group_given = false, sym = false, magr = false, act_order = false, no_true_sequential = false, json = false;
+  std::int64_t calib_samples = 128, calib_seq_len = 2048;
+  std::uint64_t seed = 0;
+  double damp = 0.01;
+};
+
+// --format wins; otherwise the method's format family with --bits / --group / --sym.
+quant::QuantConfig format_of(const QuantizeFlags& f, const PtqMethod& method) {
+  if (!f.format.empty()) return quant::QuantConfig::parse(f.format);
+  if (method.nf4_only) {
+    if (f.bits != 4) throw Error("--method nf4 has 4 bits, not " + std::to_string(f.bits));
+    if (f.sym) throw Error("--sym applies to int formats, not nf4");
+    return quant::QuantConfig::parse("nf4-g" + std::to_string(f.group_given ? f.group : 64));
+  }
+  return quant::QuantConfig::parse("int" + std::to_string(f.bits) + "-g" + std::to_string(f.group) + (f.sym ? "-sym" : ""));
+}
+
+std::uintmax_t directory_bytes(const std::filesystem::path& dir) {
+  std::uintmax_t n = 0;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir))
+    if (e.is_regular_file()) n += e.file_size();
+  return n;
+}
+
+void run_quantize(const QuantizeFlags& f) {
+  namespace fs = std::filesystem;
+  namespace ml = models::llama;
+  const PtqMethod& method = find_ptq_method(f.method);
+  if (!method.make_quantizer) throw Error("method " + method.name + " is not available in this build");
+  PtqSettings settings{format_of(f, method), f.damp, f.act_order, f.act_bits, parse_device(f.device)};
+  const bool calibrated = method.calibrated || f.magr;  // MagR needs each layer's H
+  if (method.nf4_only && settings.format.scheme != quant::Scheme::nf4)
+    throw Error("--method nf4 stores NF4; --format " + settings.format.name() + " is not (use --method rtn)");
+  if (f.act_bits != 0 && f.act_bits != 8) throw Error("--act-bits must be 0 or 8, got " + std::to_string(f.act_bits));
+  if (f.damp <= 0 || !(f.damp < 1)) throw Error("--damp must be in (0, 1), got " + std::to_string(f.damp));
+  if (f.dense_dtype != "f32" && f.dense_dtype != "f16") throw Error("--dense-dtype must be f32 or f16, got '" + f.dense_dtype + "'");
+  if (calibrated && f.calib.empty())
+    throw Error("method " + method.name + (f.magr ? " with --magr" : "") + " needs calibration text: pass --calib FILE (plain text or JSONL of "
+                "{\"text\"}; e.g. WikiText-2's wiki.train.raw, which is not bundled)");
+  if (!f.calib.empty() && !fs::exists(f.calib)) throw Error("cannot open --calib " + f.calib + ": no such file or directory");
+  if (fs::exists(f.out)) throw Error("--out " + f.out + " already exists (quantize never overwrites)");
+  require_model_path(f.model);
+
+  ml::LoadOptions load;
+  load.device = parse_device(f.device);
+  load.dtype = DType::f32;  // the weights the quantizer sees are the file's, not a bf16 rounding of them
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto files = io::open_model_files(f.model);
+  if (files->quantization())
+    throw Error(f.model + " is already quantized (" + files->quantization()->format.name() +
+                "); quantize the original model");
+  ml::Model model = ml::build_model(*files, load);
+
+  ml::LayerQuantizer quantizer = method.make_quantizer(settings);
+  if (f.magr) quantizer = with_magr(std::move(quantizer), settings, method.name == "rtn");
+  const auto progress = [&](const std::string& line) {
+    if (!f.json) fmt::print(stderr, "{}\n", line);
+  };
+  io::QuantizationInfo info;
+  info.format = settings.format;
+  info.method = method.name;
+  info.act_bits = f.act_bits != 0 ? f.act_bits : (method.name == "aqas" ? 8 : 0);  // AQAS targets W4A8
+  info.magr = f.magr;
+  info.tool_version = kToolVersion;
+  ml::QuantizationSummary summary;
+  if (calibrated) {
+    info.method_options = {{"damp", f.damp}, {"act_order", f.act_order}, {"true_sequential", !f.no_true_sequential}};
+    const auto tokenizer = open_tokenizer(f.model, f.tokenizer);
+    const ml::CalibrationSampling sampling{f.calib_samples, f.calib_seq_len, f.seed};
+    const ml::CalibrationSet calib =
+        ml::calibration_windows(*tokenizer, f.calib, sampling, model.config().max_position_embeddings);
+    for (const std::string& w : calib.warnings) fmt::print(stderr, "warning: {}\n", w);
+    info.calibration = io::CalibrationRecord{f.calib, f.calib_samples, calib.seq_len, f.seed};
+    ml::CalibrationOptions options;
+    options.true_sequential = !f.no_true_sequential;
+    const ml::BlockTransform transform =
+        method.make_block_transform ? method.make_block_transform(settings) : ml::BlockTransform{};
+    summary = ml::quantize_model_sequential(model, calib.windows, quantizer, options, transform, progress);
+  } else {
+    if (!f.calib.empty()) fmt::print(stderr, "note: method {} uses no calibration; --calib is ignored\n", method.name);
+    summary = ml::quantize_model_weights(model, quantizer, progress);
+  }
+
+  train::QuantizedExportOptions out;
+  out.dense_dtype = f.dense_dtype == "f16" ? DType::f16 : DType::f32;
+  if (model_format(f.model) == ModelFormat::hf) out.tokenizer_source = f.model;
+  else if (const auto t = tokenizer_path(f.model, f.tokenizer); t && model_format(f.model) != ModelFormat::gguf) out.tokenizer_source = *t;
+  const auto copied = train::export_quantized(model, f.out, info, out);
+  if (copied.empty()) fmt::print(stderr, "note: no tokenizer was copied into {} (pass --tokenizer to eval and generate)\n", f.out);
+
+  double bits = 0, weights = 0;
+  for (std::int64_t i = 0; i < model.num_layers(); ++i)
+    for (int p = 0; p < ml::DecoderBlock::kProjCount; ++p) {
+      const nn::Linear& l = model.block(i).linear(ml::DecoderBlock::Proj(p));
+      bits += 8.0 * double(l.base_bytes());
+      weights += double(l.in_features()) * double(l.out_features());
+    }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const nlohmann::ordered_json result = {{"model", f.model},        {"out", f.out},
+                                         {"method", method.name},   {"format", settings.format.name()},
+                                         {"layers", summary.layers}, {"bits_per_weight", bits / weights},
+                                         {"calibration_tokens", summary.calibration_rows},
+                                         {"seconds", seconds},       {"bytes", directory_bytes(f.out)}};
+  if (f.json) {
+    fmt::print("{}\n", result.dump());
+  } else {
+    fmt::print("quantized {} with {} ({}): {} layers, {:.3f} bits per weight, {:.1f} s, {} ({} bytes)\n", f.model,
+               method.name, settings.format.name(), summary.layers, bits / weights, seconds, f.out,
+               directory_bytes(f.out));
+  }
+}
+
+}  // namespace
+
+void register_quantize(CLI::App& app) {
+  auto f = std::make_shared<QuantizeFlags>();
+  std::string methods;
+  for (const PtqMethod& m : ptq_methods())
+    methods += "\n  " + m.name + ": " + m.summary + (m.make_quantizer ? "" : " [not available in this build]");
+  CLI::App* cmd = app.add_subcommand("quantize", "Post-training quantization into a quantized model directory");
+  cmd->add_option("MODEL", f->model, "Hugging Face directory, .gguf file or llama2.c .bin")->required();
+  cmd->add_option("--method", f->method, "Quantization method:" + methods)->required();
+  cmd->add_option("--bits", f->bits, "Bits per weight of the int formats (2, 3, 4, 8)")->capture_default_str();
+  cmd->add_option_function<int>("--group", [f](int g) { f->group = g, f->group_given = true; },
+                                "Group size (0 = one group per row); default 128 (nf4: 64)");
+  cmd->add_flag("--sym", f->sym, "Symmetric int grid");
+  cmd->add_option("--format", f->format, "Stored format, overriding --bits/--group/--sym (e.g. int4-g128, dint4-g128, "
+                                         "int4-g128-fz, nf4)");
+  cmd->add_flag("--magr", f->magr, "MagR preprocessing before the quantizer");
+  cmd->add_option("--act-bits", f->act_bits, "Activation bits recorded for W4A8 (0 or 8)")->capture_default_str();
+  cmd->add_option("--calib", f->calib, "Calibration text (plain text, or JSONL of {\"text\"}) for calibrated methods");
+  cmd->add_option("--calib-samples", f->calib_samples, "Calibration windows")->capture_default_str();
+  cmd->add_option("--calib-seq-len", f->calib_seq_len, "Tokens per calibration window (SLAC: match the task)")
+      ->capture_default_str();
+  cmd->add_option("--seed", f->seed, "Seed of the calibration windows")->capture_default_str();
+  cmd->add_option("--damp", f->damp, "GPTQ dampening (fraction of mean diag H)")->capture_default_str();
+  cmd->add_flag("--act-order", f->act_order, "GPTQ: quantize columns by decreasing diag H");
+  cmd->add_flag("--no-true-sequential", f->no_true_sequential, "Calibrate all seven linears of a block from one pass");
+  cmd->add_option("--tokenizer", f->tokenizer, "Tokenizer file (llama2.c: its tokenizer.bin)");
+  cmd->add_option("--dense-dtype", f->dense_dtype, "Embedding, norms and LM head: f32 or f16")->capture_default_str();
+  cmd->add_option("--device", f->device, "cpu or cuda[:N] (calibration forwards)")->capture_default_str();
+  cmd->add_option("--out", f->out, "Output directory; must not exist")->required();
+  cmd->add_flag("--json", f->json, "One JSON object on stdout");
+  cmd->callback([f] { run_quantize(*f); });
+}
+
+}  // namespace qlora::tool
