@@ -12,6 +12,7 @@
 // CPU-only.
 
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -127,8 +128,13 @@ void register_shape(std::int64_t rows, std::int64_t cols, bool cuda) {
 
 const std::int64_t kShapes[][2] = {{512, 512}, {1024, 1024}, {4096, 4096}, {11008, 4096}};
 
+// MagR on the CPU costs 200 iterations of a cols^2 x rows product: hours at the Llama shapes on a few cores.
+// The CPU runs the two small shapes unless QLORA_BENCH_SLOW=1 (scripts/gpu-check's ten-minute calls included).
 void register_cpu() {
-  for (const auto& s : kShapes) register_shape(s[0], s[1], false);
+  const char* slow = std::getenv("QLORA_BENCH_SLOW");
+  const bool all = slow != nullptr && std::string(slow) == "1";
+  for (const auto& s : kShapes)
+    if (all || s[0] * s[1] <= 1024 * 1024) register_shape(s[0], s[1], false);
 }
 
 void register_cuda() {

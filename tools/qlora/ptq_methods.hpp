@@ -2,8 +2,7 @@
 // The post-training quantization methods `qlora quantize --method` knows, in one table. A method is a
 // per-layer quantizer (models/llama/calibration.hpp's LayerQuantizer: name, dense W, Gram H -> the
 // quantized W) and optionally a per-block transform run on the block's calibration inputs before its
-// linears are quantized (AWQ / AQAS scaling). A method whose quantizer is not registered here is listed
-// but refused: "method gptq is not available in this build".
+// linears are quantized (AWQ / AQAS scaling).
 
 #include <functional>
 #include <string>
