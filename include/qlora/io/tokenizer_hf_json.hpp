@@ -68,7 +68,12 @@ inline std::int32_t token_id(const nlohmann::json& id, const std::string& what, 
 
 inline std::string special_token_content(const nlohmann::json& entry) {
   if (entry.is_string()) return entry.get<std::string>();
-  if (entry.is_object() && entry.contains("content")) return entry.at("content").get<std::string>();
+  if (entry.is_object() && entry.contains("content")) {
+    const nlohmann::json& content = entry.at("content");
+    if (!content.is_string()) throw Error("tokenizer_config.json: a special token's \"content\" must be a string, got " +
+                                          std::string(content.type_name()));
+    return content.get<std::string>();
+  }
   return {};
 }
 
