@@ -596,6 +596,13 @@ class GgufLlama {
       QLORA_CHECK(hf.has_value(), path.string() + ": tensor " + t.name + " is not part of a llama model qlora knows");
       hf_to_gguf_[*hf] = t.name;
     }
+    // A block has 9 tensors: a header claiming more blocks than the file holds is refused before the expected
+    // tensor list (one entry per tensor of every block) is built (fuzz smoke: block_count 10^8 ran out of memory).
+    const std::size_t blocks = std::size_t(std::max<std::int64_t>(config_.num_hidden_layers, 0));
+    QLORA_CHECK(blocks <= file_.tensors().size() / 9,
+                path.string() + ": llama.block_count " + std::to_string(config_.num_hidden_layers) + " needs " +
+                    std::to_string(blocks) + " x 9 block tensors, but the file holds " +
+                    std::to_string(file_.tensors().size()) + " tensors");
     check_llama_tensors(
         config_,
         [&](const std::string& hf) -> std::optional<std::vector<std::int64_t>> {
