@@ -22,19 +22,10 @@ using qlora::Tensor;
 using qlora::quant::ComqOptions;
 using qlora::quant::QuantConfig;
 using qlora::test::error_of;
+using qlora::test::error_of_q;
+using qlora::test::scales_of;
 
 namespace {
-
-// The f16 scales of a quantized tensor as floats (f16 has no ==).
-std::vector<float> scales_of(const qlora::quant::QuantizedTensor& q) {
-  std::vector<float> out;
-  for (const qlora::f16 s : q.scales.to_vector<qlora::f16>()) out.push_back(qlora::to_float(s));
-  return out;
-}
-
-double error_of_q(const qlora::test::LayerProblem& p, const qlora::quant::QuantizedTensor& q) {
-  return qlora::quant::layer_output_error(p.w, qlora::quant::dequantize(q), p.h);
-}
 
 ComqOptions options(int sweeps, bool greedy, bool scales, bool from_weights = false) {
   ComqOptions o;

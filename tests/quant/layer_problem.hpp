@@ -12,7 +12,10 @@
 #include <random>
 #include <vector>
 
+#include "qlora/core/half.hpp"
 #include "qlora/core/tensor.hpp"
+#include "qlora/quant/dequantize.hpp"
+#include "qlora/quant/layer_error.hpp"
 
 namespace qlora::test {
 
@@ -53,6 +56,18 @@ inline LayerProblem make_layer_problem(const LayerProblemSpec& spec) {
   for (std::int64_t i = 0; i < d * d; ++i) hf[std::size_t(i)] = float(h.data()[i]);
   std::vector<double> xv(x.data(), x.data() + n * d);
   return {Tensor::from(w, {spec.rows, d}), Tensor::from(hf, {d, d}), Tensor::from(xv, {n, d})};
+}
+
+// The f16 scales of a quantized tensor as floats (f16 has no ==).
+inline std::vector<float> scales_of(const quant::QuantizedTensor& q) {
+  std::vector<float> out;
+  for (const f16 s : q.scales.to_vector<f16>()) out.push_back(to_float(s));
+  return out;
+}
+
+// The layer output error tr((W - deq Q) H (W - deq Q)^T) of q on problem p.
+inline double error_of_q(const LayerProblem& p, const quant::QuantizedTensor& q) {
+  return quant::layer_output_error(p.w, quant::dequantize(q), p.h);
 }
 
 }  // namespace qlora::test

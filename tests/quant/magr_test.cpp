@@ -23,24 +23,16 @@
 #include "support/files.hpp"
 #include "support/random.hpp"
 
-#if __has_include("qlora/quant/gptq.hpp")
 #include "qlora/quant/gptq.hpp"
-#define QLORA_TEST_HAVE_GPTQ 1
-#endif
 
 using qlora::Tensor;
 using qlora::quant::MagrOptions;
 using qlora::quant::QuantConfig;
 using qlora::test::error_of;
+using qlora::test::error_of_q;
+using qlora::test::scales_of;
 
 namespace {
-
-// The f16 scales of a quantized tensor as floats (f16 has no ==).
-std::vector<float> scales_of(const qlora::quant::QuantizedTensor& q) {
-  std::vector<float> out;
-  for (const qlora::f16 s : q.scales.to_vector<qlora::f16>()) out.push_back(qlora::to_float(s));
-  return out;
-}
 
 // Brute force for prox_{t||.||inf}(v) = argmin_x 0.5 ||x - v||^2 + t ||x||_inf: for a fixed level c = ||x||_inf
 // the best x is clip(v, c), with phi(c) = 0.5 sum max(|v_k| - c, 0)^2 + t c, convex and piecewise quadratic.
@@ -76,10 +68,6 @@ double brute_force_level(const std::vector<double>& v, double t) {
     }
   }
   return best;
-}
-
-double rtn_error(const qlora::test::LayerProblem& p, const qlora::quant::QuantizedTensor& q) {
-  return qlora::quant::layer_output_error(p.w, qlora::quant::dequantize(q), p.h);
 }
 
 // Per row max|w'| / max|w|, averaged over rows.
@@ -226,12 +214,12 @@ TEST_CASE("quant magr: lower max|w| per channel, nearly the same outputs, MagR +
     CAPTURE(std::string(name));
     const QuantConfig cfg = QuantConfig::parse(name);
     const double beta = qlora::quant::magr_default_beta(cfg);
-    const double e_rtn = rtn_error(p, qlora::quant::quantize(p.w, cfg));
-    const double e_rtn_beta = rtn_error(p, qlora::quant::magr_rtn_quantize(p.w, cfg, beta));
+    const double e_rtn = error_of_q(p, qlora::quant::quantize(p.w, cfg));
+    const double e_rtn_beta = error_of_q(p, qlora::quant::magr_rtn_quantize(p.w, cfg, beta));
     const auto magr_q = qlora::quant::magr_rtn_quantize(wm, cfg, beta);
-    const double e_magr = rtn_error(p, magr_q);
+    const double e_magr = error_of_q(p, magr_q);
     // COMQ against the ORIGINAL weights on MagR's grid: never above its MagR + RTN start.
-    const double e_magr_comq = rtn_error(p, qlora::quant::comq_refine(p.w, p.h, magr_q));
+    const double e_magr_comq = error_of_q(p, qlora::quant::comq_refine(p.w, p.h, magr_q));
     MESSAGE(std::string(name) << " (beta " << beta << "): error / RTN: RTN(beta) " << e_rtn_beta / e_rtn << ", MagR + RTN(beta) "
                  << e_magr / e_rtn << ", MagR + RTN + COMQ " << e_magr_comq / e_rtn);
     CHECK(e_magr < 0.8 * e_rtn);
@@ -242,21 +230,19 @@ TEST_CASE("quant magr: lower max|w| per channel, nearly the same outputs, MagR +
   for (const char* name : {"int4-g128", "int2-g128"}) {
     CAPTURE(std::string(name));
     const QuantConfig cfg = QuantConfig::parse(name);
-    const double e_rtn = rtn_error(p, qlora::quant::quantize(p.w, cfg));
-    const double e_magr = rtn_error(p, qlora::quant::magr_rtn_quantize(wg, cfg, qlora::quant::magr_default_beta(cfg)));
+    const double e_rtn = error_of_q(p, qlora::quant::quantize(p.w, cfg));
+    const double e_magr = error_of_q(p, qlora::quant::magr_rtn_quantize(wg, cfg, qlora::quant::magr_default_beta(cfg)));
     MESSAGE(std::string(name) << ": MagR(group 128) + RTN(beta 0.95) / RTN " << e_magr / e_rtn);
     CHECK(e_magr < e_rtn);
   }
-#if defined(QLORA_TEST_HAVE_GPTQ)
   for (const char* name : {"int3-g0", "int2-g0"}) {
     CAPTURE(std::string(name));
     const QuantConfig cfg = QuantConfig::parse(name);
-    const double e_gptq = rtn_error(p, qlora::quant::gptq_quantize(p.w, p.h, cfg));
-    const double e_magr_gptq = rtn_error(p, qlora::quant::gptq_quantize(wm, p.h, cfg));
+    const double e_gptq = error_of_q(p, qlora::quant::gptq_quantize(p.w, p.h, cfg));
+    const double e_magr_gptq = error_of_q(p, qlora::quant::gptq_quantize(wm, p.h, cfg));
     MESSAGE(std::string(name) << ": GPTQ(W) " << e_gptq << ", GPTQ(MagR W) " << e_magr_gptq << " (beta 1: GPTQ fits its own grids)");
     CHECK(e_magr_gptq < 0.8 * e_gptq);  // magr.md: MagR + GPTQ 0.47x / 0.47x of GPTQ at 3 / 2 bits (with beta)
   }
-#endif
 }
 
 TEST_CASE("quant magr: the shrunk RTN grid (beta)") {
