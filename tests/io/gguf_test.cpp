@@ -217,12 +217,12 @@ TEST_CASE("gguf: writer -> reader round trip of a llama model, with llama.cpp's 
 
   std::vector<std::string> tokens;
   for (int i = 0; i < 40; ++i) tokens.push_back("tok" + std::to_string(i));
-  const auto write_model = [&](const fs::path& path, GgmlType matrix_type) {
+  const auto write_model = [&](const fs::path& path, GgmlType matrix_type, std::uint32_t block_count = 2) {
     qlora::io::GgufWriter w;
     w.set("general.architecture", GgufValue::string("llama"));
     w.set("llama.context_length", GgufValue::u32(128));
     w.set("llama.embedding_length", GgufValue::u32(64));
-    w.set("llama.block_count", GgufValue::u32(2));
+    w.set("llama.block_count", GgufValue::u32(block_count));
     w.set("llama.feed_forward_length", GgufValue::u32(96));
     w.set("llama.attention.head_count", GgufValue::u32(4));
     w.set("llama.attention.head_count_kv", GgufValue::u32(2));
@@ -259,6 +259,14 @@ TEST_CASE("gguf: writer -> reader round trip of a llama model, with llama.cpp's 
     CHECK(tok.scores == std::vector<float>(40, -1.5f));
     const auto any = qlora::io::open_model_files(dir / "m.gguf");
     CHECK(any->load("model.layers.1.self_attn.k_proj.weight").to_vector<float>() == hf[12].second.to_vector<float>());
+  }
+  SUBCASE("a block_count the file's tensors cannot hold is refused before the expected tensors are listed") {
+    // Fuzz smoke regression: block_count 10^8 once built a list of 9 x 10^8 names and ran out of memory.
+    (void)write_model(dir / "m.gguf", GgmlType::F32, 3);
+    check_names(error_of([&] { qlora::io::GgufLlama m(dir / "m.gguf"); }),
+                {"m.gguf", "llama.block_count 3", "holds 21 tensors"});
+    (void)write_model(dir / "m.gguf", GgmlType::F32, 100000000);
+    check_names(error_of([&] { qlora::io::GgufLlama m(dir / "m.gguf"); }), {"m.gguf", "beyond any Llama"});
   }
   SUBCASE("F16, Q8_0 and Q4_1: within each format's rounding") {
     for (auto [type, tol] : {std::pair{GgmlType::F16, 1e-3}, std::pair{GgmlType::Q8_0, 1e-2}, std::pair{GgmlType::Q4_1, 0.12}}) {

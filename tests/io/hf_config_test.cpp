@@ -94,6 +94,8 @@ TEST_CASE("hf_config: invalid or unsupported configs are refused naming the key"
   refuse(R"({"torch_dtype": "float8"})", {"torch_dtype 'float8'"});
   refuse(R"({"hidden_act": "gelu"})", {"hidden_act"});
   refuse(R"({"num_hidden_layers": 0})", {"num_hidden_layers must be positive"});
+  // A corrupt count is refused before anything is sized by it (the expected-tensor walk, the model's blocks).
+  refuse(R"({"num_hidden_layers": 100000000})", {"num_hidden_layers 100000000", "beyond any Llama"});
 }
 
 TEST_CASE("hf_config: config.json files are read, written atomically and read back") {

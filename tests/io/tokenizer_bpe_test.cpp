@@ -176,6 +176,12 @@ TEST_CASE("BPE: bad tokenizer files and text are refused with a message naming t
   qlora::test::check_names(qlora::test::error_of([&] { load_tiktoken_tokenizer(ranks, {}); }), {ranks, "line 3", "base64"});
   qlora::test::write_raw(ranks, "IQ== 0\nIg== 2\n");
   qlora::test::check_names(qlora::test::error_of([&] { load_tiktoken_tokenizer(ranks, {}); }), {ranks, "rank 1"});
+  qlora::test::write_raw(ranks, "IQ== 0\nIg== 99999999\n");  // fuzz smoke: once sized a table of 10^8 tokens
+  qlora::test::check_names(qlora::test::error_of([&] { load_tiktoken_tokenizer(ranks, {}); }),
+                           {ranks, "line 2", "rank 99999999", "only 3 lines"});
+  qlora::test::write_raw(ranks, "IQ== 0\n" + std::string(5464, 'Q') + " 1\n");  // 4098 bytes: over the cap
+  qlora::test::check_names(qlora::test::error_of([&] { load_tiktoken_tokenizer(ranks, {}); }),
+                           {ranks, "line 2", "token of 4098 bytes"});
   qlora::test::write_raw(ranks, "IQ== 0\nIg== 0\n");
   qlora::test::check_names(qlora::test::error_of([&] { load_tiktoken_tokenizer(ranks, {}); }), {ranks, "repeats rank 0"});
 

@@ -55,6 +55,8 @@ struct LlamaConfig {
   std::vector<std::int64_t> eos_token_ids = {2};  // config.json allows an int or a list
   std::string torch_dtype = "float32";            // float32, float16 or bfloat16
 
+  static constexpr std::int64_t kMaxLayers = 4096;
+
   bool operator==(const LlamaConfig&) const = default;
 
   std::int64_t q_dim() const { return num_attention_heads * head_dim; }
@@ -73,6 +75,9 @@ struct LlamaConfig {
     positive(head_dim, "head_dim");
     positive(vocab_size, "vocab_size");
     positive(max_position_embeddings, "max_position_embeddings");
+    // Far beyond any Llama (405B has 126): a larger count is a corrupt header, refused before anything sized by it.
+    QLORA_CHECK(num_hidden_layers <= kMaxLayers, source + ": num_hidden_layers " + std::to_string(num_hidden_layers) +
+                                                     " is beyond any Llama (at most " + std::to_string(kMaxLayers) + ")");
     QLORA_CHECK(num_attention_heads % num_key_value_heads == 0,
                 source + ": num_key_value_heads " + std::to_string(num_key_value_heads) +
                     " does not divide num_attention_heads " + std::to_string(num_attention_heads));
@@ -270,25 +275,32 @@ struct TensorSpec {
   Shape shape;
 };
 
-// The tensors of LlamaForCausalLM in HF naming, layer by layer; lm_head.weight only when not tied.
-inline std::vector<TensorSpec> llama_tensor_specs(const LlamaConfig& c) {
-  std::vector<TensorSpec> specs;
+// The tensors of LlamaForCausalLM in HF naming, layer by layer; lm_head.weight only when not tied. `visit`
+// sees each in order; readers check a checkpoint through this walk, so a header claiming 10^8 layers fails at
+// the first missing tensor instead of building a list of 10^9 names first (fuzz smoke).
+template <class Visit>
+void for_each_llama_tensor_spec(const LlamaConfig& c, Visit&& visit) {
   const std::int64_t h = c.hidden_size, f = c.intermediate_size;
-  specs.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
+  visit(TensorSpec{"model.embed_tokens.weight", {c.vocab_size, h}});
   for (std::int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    specs.push_back({p + "input_layernorm.weight", {h}});
-    specs.push_back({p + "self_attn.q_proj.weight", {c.q_dim(), h}});
-    specs.push_back({p + "self_attn.k_proj.weight", {c.kv_dim(), h}});
-    specs.push_back({p + "self_attn.v_proj.weight", {c.kv_dim(), h}});
-    specs.push_back({p + "self_attn.o_proj.weight", {h, c.q_dim()}});
-    specs.push_back({p + "post_attention_layernorm.weight", {h}});
-    specs.push_back({p + "mlp.gate_proj.weight", {f, h}});
-    specs.push_back({p + "mlp.up_proj.weight", {f, h}});
-    specs.push_back({p + "mlp.down_proj.weight", {h, f}});
+    visit(TensorSpec{p + "input_layernorm.weight", {h}});
+    visit(TensorSpec{p + "self_attn.q_proj.weight", {c.q_dim(), h}});
+    visit(TensorSpec{p + "self_attn.k_proj.weight", {c.kv_dim(), h}});
+    visit(TensorSpec{p + "self_attn.v_proj.weight", {c.kv_dim(), h}});
+    visit(TensorSpec{p + "self_attn.o_proj.weight", {h, c.q_dim()}});
+    visit(TensorSpec{p + "post_attention_layernorm.weight", {h}});
+    visit(TensorSpec{p + "mlp.gate_proj.weight", {f, h}});
+    visit(TensorSpec{p + "mlp.up_proj.weight", {f, h}});
+    visit(TensorSpec{p + "mlp.down_proj.weight", {h, f}});
   }
-  specs.push_back({"model.norm.weight", {h}});
-  if (!c.tie_word_embeddings) specs.push_back({"lm_head.weight", {c.vocab_size, h}});
+  visit(TensorSpec{"model.norm.weight", {h}});
+  if (!c.tie_word_embeddings) visit(TensorSpec{"lm_head.weight", {c.vocab_size, h}});
+}
+
+inline std::vector<TensorSpec> llama_tensor_specs(const LlamaConfig& c) {
+  std::vector<TensorSpec> specs;
+  for_each_llama_tensor_spec(c, [&](TensorSpec spec) { specs.push_back(std::move(spec)); });
   return specs;
 }
 
@@ -297,7 +309,7 @@ inline std::vector<TensorSpec> llama_tensor_specs(const LlamaConfig& c) {
 inline void check_llama_tensors(const LlamaConfig& config,
                                 const std::function<std::optional<std::vector<std::int64_t>>(const std::string&)>& shape_of,
                                 const std::string& source, const std::string& config_source = "config.json") {
-  for (const auto& spec : llama_tensor_specs(config)) {
+  for_each_llama_tensor_spec(config, [&](const TensorSpec& spec) {
     const auto stored = shape_of(spec.name);
     QLORA_CHECK(stored.has_value(), source + ": tensor " + spec.name + " is missing");
     std::vector<std::int64_t> expected;
@@ -305,7 +317,7 @@ inline void check_llama_tensors(const LlamaConfig& config,
     if (*stored != expected)
       throw Error(source + ": tensor " + spec.name + " has shape " + dims_str(*stored) + " but " + config_source +
                   " implies " + dims_str(expected));
-  }
+  });
 }
 
 // RoPE row order. HF's LlamaAttention rotates each head's dimension i with i + head_dim/2 ("rotate

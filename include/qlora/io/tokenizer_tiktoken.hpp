@@ -4,6 +4,7 @@
 // the merge priority. Special tokens are not in the file: they come from tokenizer_config.json
 // (tokenizer_hf_json.hpp) or, for Meta's Llama 3 layout, from llama3_special_tokens().
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -43,10 +44,17 @@ inline std::optional<std::string> decode_base64(std::string_view text) {
   return bytes;
 }
 
+// Real rank files hold tokens of at most a few hundred bytes; merges_from_ranks costs the square of a token's
+// length, so a longer one is refused as corrupt (fuzz smoke: a 48 KB token took seconds under ASan).
+inline constexpr std::size_t kMaxTiktokenTokenBytes = 4096;
+
 // Tokens indexed by rank; a malformed line, a repeated rank or a gap in the ranks is an error.
 inline std::vector<std::string> parse_tiktoken_ranks(std::string_view text, const std::string& name) {
   std::vector<std::string> tokens;
   std::vector<bool> seen;
+  // Ranks are 0 .. n-1 with one line each, so no rank reaches the line count: a larger one is refused before
+  // the token table is sized by it (fuzz smoke: rank 99999999 asked for gigabytes).
+  const std::size_t lines = std::size_t(std::count(text.begin(), text.end(), '\n')) + 1;
   std::size_t line_number = 0;
   for (std::size_t at = 0; at < text.size();) {
     std::size_t end = text.find('\n', at);
@@ -61,11 +69,15 @@ inline std::vector<std::string> parse_tiktoken_ranks(std::string_view text, cons
     QLORA_CHECK(space != std::string_view::npos, where + " is not 'base64 rank'");
     const auto bytes = decode_base64(line.substr(0, space));
     QLORA_CHECK(bytes.has_value() && !bytes->empty(), where + " has an invalid base64 token");
+    QLORA_CHECK(bytes->size() <= kMaxTiktokenTokenBytes, where + " has a token of " + std::to_string(bytes->size()) +
+                                                              " bytes (at most " + std::to_string(kMaxTiktokenTokenBytes) + ")");
     const std::string_view digits = line.substr(space + 1);
     QLORA_CHECK(!digits.empty() && digits.size() <= 9 &&
                     digits.find_first_not_of("0123456789") == std::string_view::npos,
                 where + " has an invalid rank '" + std::string(digits) + "'");
     const auto rank = std::size_t(std::stoul(std::string(digits)));
+    QLORA_CHECK(rank < lines, where + " has rank " + std::string(digits) + ", but the file has only " +
+                                  std::to_string(lines) + " lines (ranks run 0 .. n-1)");
     if (rank >= tokens.size()) {
       tokens.resize(rank + 1);
       seen.resize(rank + 1, false);
