@@ -1,5 +1,6 @@
-// Causal grouped-query attention, forward and backward (qlora/cpu/attention.hpp, qlora/cuda/attention.hpp, the
-// plain versions), on both backends.
+// Causal grouped-query attention, forward and backward, on both backends: the plain kernels
+// (qlora/cpu/attention.hpp, qlora/cuda/attention.hpp) and the fused FlashAttention-2 ones
+// (qlora/cpu/flash_attention.hpp, qlora/cuda/flash_attention.hpp).
 //
 // FLOP counted (the FlashAttention convention; softmax and scaling not counted), with
 // visible = sum_t (tk - tq + t + 1) = tq (tk - tq) + tq (tq + 1) / 2 the (query, key) pairs the causal mask keeps
@@ -14,13 +15,18 @@
 // target: forward + backward >= 50% of the cuBLAS-GEMM-equivalent rate).
 // The backward accumulates into dk and dv across iterations (as it does across micro-batches); the zeroing a
 // training step does first is not timed.
+// Flash cases at Llama-2-7B shapes (32 heads, d = 128, sequence 2048 and 4096, batch 1, 2, 4): forward, and
+// forward + backward (one training step's attention: 14 batch hq d visible FLOP), each beside its same-size
+// cuBLAS reference; the FLOP/s counter is the TFLOP/s figure (T/s), pct_of_ref the fraction of cuBLAS's.
 
 #include "qlora/cpu/attention.hpp"
+#include "qlora/cpu/flash_attention.hpp"
 
 #include "bench_util.hpp"
 
 #if defined(QLORA_WITH_CUDA)
 #include "qlora/cuda/attention.hpp"
+#include "qlora/cuda/flash_attention.hpp"
 #endif
 
 namespace {
@@ -82,6 +88,19 @@ void register_cpu() {
       benchmark::kMillisecond);
 
   add(
+      "BM_flash_attention_forward_cpu_f32" + suffix,
+      [=](benchmark::State& state) {
+        const std::vector<float> q = uniform(s.q_size(), 1), k = uniform(s.kv_size(), 2), v = uniform(s.kv_size(), 3);
+        std::vector<float> out = zeros(s.q_size()), lse = zeros(s.lse_size());
+        const double seconds = time_cpu(state, [&] {
+          qlora::cpu::flash_attention_forward(q.data(), k.data(), v.data(), out.data(), lse.data(), s.batch, s.tq,
+                                              s.tk, s.hq, s.hkv, s.d);
+        });
+        report_kernel(state, *ref, s.forward_flops(), seconds);
+      },
+      benchmark::kMillisecond);
+
+  add(
       "BM_attention_backward_cpu_f32" + suffix,
       [=](benchmark::State& state) {
         const std::vector<float> q = uniform(s.q_size(), 1), k = uniform(s.kv_size(), 2), v = uniform(s.kv_size(), 3),
@@ -106,11 +125,11 @@ void register_cpu() {
 // The plain kernels take milliseconds (the backward's per-channel atomics far more), so one warm-up call.
 constexpr int kWarmup = 1;
 
+// BM_reference_cublas_attention_gemms_<name>: the same-size pair of cuBLAS GEMMs, registered before the kernels
+// it is paired with.
 template <class T>
-void register_cuda_shape(const Shape& s) {
-  const std::string name = std::string(dtype_name<T>()) + s.suffix();
+ReferencePtr add_cublas_reference(const Shape& s, const std::string& name) {
   const ReferencePtr ref = make_reference("BM_reference_cublas_attention_gemms_" + name, Work::flops);
-
   add(
       ref->name,
       [=](benchmark::State& state) {
@@ -129,6 +148,13 @@ void register_cuda_shape(const Shape& s) {
         report_reference(state, *ref, s.reference_flops(), seconds);
       },
       benchmark::kMicrosecond);
+  return ref;
+}
+
+template <class T>
+ReferencePtr register_cuda_shape(const Shape& s) {
+  const std::string name = std::string(dtype_name<T>()) + s.suffix();
+  const ReferencePtr ref = add_cublas_reference<T>(s, name);
 
   add(
       "BM_attention_forward_cuda_" + name,
@@ -173,13 +199,70 @@ void register_cuda_shape(const Shape& s) {
         report_kernel(state, *ref, s.backward_flops(), seconds);
       },
       benchmark::kMicrosecond);
+  return ref;
+}
+
+// The flash kernels (bf16 only): forward, and forward + backward as a training step runs them.
+// `ref`: the shape's reference when the plain kernels registered it already.
+void register_flash_shape(const Shape& s, ReferencePtr ref = nullptr) {
+  const std::string name = "bf16" + s.suffix();
+  if (!ref) ref = add_cublas_reference<qlora::bf16>(s, name);
+  using qlora::bf16;
+
+  add(
+      "BM_flash_attention_forward_cuda_" + name,
+      [=](benchmark::State& state) {
+        DeviceBuffer<bf16> q(s.q_size()), k(s.kv_size()), v(s.kv_size()), out(s.q_size());
+        DeviceBuffer<float> lse(s.lse_size());
+        fill_uniform(q, 1);
+        fill_uniform(k, 2);
+        fill_uniform(v, 3);
+        const double seconds = time_cuda(state, [&] {
+          qlora::cuda::flash_attention_forward(q.get(), k.get(), v.get(), out.get(), lse.get(), s.batch, s.tq, s.tk,
+                                               s.hq, s.hkv, s.d, stream());
+        });
+        report_kernel(state, *ref, s.forward_flops(), seconds);
+      },
+      benchmark::kMicrosecond);
+
+  add(
+      "BM_flash_attention_forward_backward_cuda_" + name,
+      [=](benchmark::State& state) {
+        DeviceBuffer<bf16> q(s.q_size()), k(s.kv_size()), v(s.kv_size()), out(s.q_size()), dout(s.q_size()),
+            dq(s.q_size());
+        DeviceBuffer<float> lse(s.lse_size()), dk(s.kv_size()), dv(s.kv_size()),
+            workspace(qlora::cuda::flash_attention_backward_workspace(s.batch, s.tq, s.hq, s.d));
+        fill_uniform(q, 1);
+        fill_uniform(k, 2);
+        fill_uniform(v, 3);
+        fill_uniform(dout, 4);
+        fill_uniform(dk, 5);
+        fill_uniform(dv, 6);
+        const double seconds = time_cuda(state, [&] {
+          qlora::cuda::flash_attention_forward(q.get(), k.get(), v.get(), out.get(), lse.get(), s.batch, s.tq, s.tk,
+                                               s.hq, s.hkv, s.d, stream());
+          qlora::cuda::flash_attention_backward(q.get(), k.get(), v.get(), out.get(), lse.get(), dout.get(), dq.get(),
+                                                dk.get(), dv.get(), workspace.get(), s.batch, s.tq, s.tk, s.hq, s.hkv,
+                                                s.d, stream());
+        });
+        report_kernel(state, *ref, s.forward_flops() + s.backward_flops(), seconds);
+      },
+      benchmark::kMicrosecond);
 }
 
 void register_cuda() {
-  // One 2048-token sequence: Llama-2-7B (32 heads, multi-head) and Llama-3-8B (32 query heads sharing 8 kv
-  // heads), head dim 128.
-  register_cuda_shape<qlora::bf16>(Shape{1, 2048, 2048, 32, 32, 128});
-  register_cuda_shape<qlora::bf16>(Shape{1, 2048, 2048, 32, 8, 128});
+  // The plain kernels on one 2048-token sequence: Llama-2-7B (32 heads, multi-head) and Llama-3-8B (32 query
+  // heads sharing 8 kv heads), head dim 128.
+  const Shape llama2{1, 2048, 2048, 32, 32, 128}, llama3{1, 2048, 2048, 32, 8, 128};
+  const ReferencePtr llama2_ref = register_cuda_shape<qlora::bf16>(llama2);
+  const ReferencePtr llama3_ref = register_cuda_shape<qlora::bf16>(llama3);
+  // The flash kernels at Llama-2-7B shapes (sequence 2048 and 4096, batch 1, 2, 4), and the Llama-3-8B one.
+  register_flash_shape(llama2, llama2_ref);
+  register_flash_shape(llama3, llama3_ref);
+  for (const std::int64_t seq : {2048, 4096}) {
+    for (const std::int64_t batch : {1, 2, 4})
+      if (seq != 2048 || batch != 1) register_flash_shape(Shape{batch, seq, seq, 32, 32, 128});
+  }
 }
 
 #endif  // QLORA_WITH_CUDA
