@@ -8,12 +8,12 @@
 // shapes with random weights, NF4 base, bf16 activations, batch 1, prompt 512, decode 128.
 
 #include <filesystem>
-#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "bench_util.hpp"
+#include "llama_shapes.hpp"
 #include "models/llama/generate.hpp"
 #include "models/llama/load.hpp"
 
@@ -150,35 +150,14 @@ void register_cpu() {
 
 #if defined(QLORA_WITH_CUDA)
 
-ml::Config llama2_7b() {
-  ml::Config c;  // meta-llama/Llama-2-7b-hf config.json
-  c.hidden_size = 4096, c.intermediate_size = 11008, c.num_hidden_layers = 32, c.num_attention_heads = 32;
-  c.num_key_value_heads = 32, c.head_dim = 128, c.vocab_size = 32000, c.max_position_embeddings = 4096;
-  c.rms_norm_eps = 1e-5;
-  return c;
-}
-
 // Random weights, one draw per tensor kind reused by every layer (drawing 6.7e9 values would dominate).
 ml::Model& cuda_model() {
   static std::unique_ptr<ml::Model> model = [] {
-    const ml::Config c = llama2_7b();
-    auto drawn = std::make_shared<std::map<std::string, Tensor>>();
-    const ml::TensorSource source = [c, drawn](const std::string& name) {
-      const std::string kind = name.rfind("model.layers.", 0) == 0 ? name.substr(name.find('.', 13) + 1) : name;
-      auto it = drawn->find(kind);
-      if (it != drawn->end()) return it->second;
-      Shape shape;
-      for (const auto& s : io::llama_tensor_specs(c))
-        if (s.name == name) shape = s.shape;
-      const Tensor t = shape.rank() == 1 ? ops::rand(shape, drawn->size() + 1, Device::cpu(), 0.8f, 1.2f)
-                                         : ops::randn(shape, drawn->size() + 1, Device::cpu(), 0.f, 0.02f);
-      (*drawn)[kind] = t;
-      return t;
-    };
+    const ml::Config c = llama2_7b_config();
     ml::LoadOptions o;
     o.device = Device::cuda(0);
     o.quant = quant::QuantConfig::parse("nf4");
-    return std::make_unique<ml::Model>(ml::build_model(c, source, o));
+    return std::make_unique<ml::Model>(ml::build_model(c, shared_random_weights(c), o));
   }();
   return *model;
 }
@@ -190,7 +169,7 @@ double cuda_now() {
 
 void register_cuda() {
   cuda::set_current_stream(stream());  // the model's work is what the events time
-  const ml::Config c = llama2_7b();
+  const ml::Config c = llama2_7b_config();
   const std::int64_t prompt = 512, steps = 128;
   const std::string suffix = "/llama2_7b_shape_nf4" + args({{"batch", 1}, {"prompt", prompt}, {"decode", steps}});
 

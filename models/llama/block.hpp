@@ -127,10 +127,7 @@ class DecoderBlock {
         k = linears_[k_proj]->forward(ctx, n1.y).reshape({batch, t, kv_heads_, head_dim_});
       }
       v = linears_[v_proj]->forward(ctx, n1.y).reshape({batch, t, kv_heads_, head_dim_});
-      if (point != InterventionPoint::map) {
-        ops::rope_(q, inv_freq_, pos);
-        ops::rope_(k, inv_freq_, pos);
-      }
+      if (point != InterventionPoint::map) ops::rope_qk_(q, k, inv_freq_, pos);
       attend(q, k, v, attn, batch, t, pos, cache);
       o = linears_[o_proj]->forward(ctx, attn.out.reshape({batch, t, heads_ * head_dim_}));
     }
@@ -138,9 +135,9 @@ class DecoderBlock {
       *record_ = AttentionSignals{q, k, attn.out.defined() ? attn.out.reshape({batch, t, heads_ * head_dim_}) : teacher_->context,
                                   o};
     if (keep_attention_output) attention_output_ = o;
-    Tensor h = ops::add(x, o);
-
-    ops::RmsNormResult n2 = ops::rmsnorm(h, post_norm_, eps_);
+    // h = x + o and n2 = rmsnorm(h) in one pass.
+    ops::AddRmsNormResult n2 = ops::add_rmsnorm(x, o, post_norm_, eps_);
+    Tensor h = std::move(n2.sum);
     Tensor gate = linears_[gate_proj]->forward(ctx, n2.y);
     Tensor up = linears_[up_proj]->forward(ctx, n2.y);
     const Tensor down = linears_[down_proj]->forward(ctx, ops::swiglu(gate, up));
@@ -167,8 +164,7 @@ class DecoderBlock {
     const ops::SwigluGrads g = ops::swiglu_backward(s.gate, s.up, d_act);
     Tensor dn2 = linears_[gate_proj]->backward(ctx, g.dgate);
     ops::axpy_(dn2, 1.f, linears_[up_proj]->backward(ctx, g.dup));
-    Tensor dh = ops::rmsnorm_backward(s.h, post_norm_, s.rstd2, dn2);
-    ops::axpy_(dh, 1.f, dy);
+    const Tensor dh = ops::add_rmsnorm_backward(s.h, post_norm_, s.rstd2, dn2, dy);  // norm's gradient + residual's
 
     // Attention branch: h = x + o(attention(rope(q), rope(k), v)); under an intervention it stops where the
     // teacher's signal entered.
@@ -185,15 +181,12 @@ class DecoderBlock {
     if (s.point == InterventionPoint::map) {
       dn1 = linears_[v_proj]->backward(ctx, a.dv.reshape({batch, t, kv_heads_ * head_dim_}));
     } else {
-      ops::rope_backward_(a.dq, inv_freq_, 0);
-      ops::rope_backward_(a.dk, inv_freq_, 0);
+      ops::rope_qk_backward_(a.dq, a.dk, inv_freq_, 0);
       dn1 = linears_[q_proj]->backward(ctx, a.dq.reshape({batch, t, heads_ * head_dim_}));
       ops::axpy_(dn1, 1.f, linears_[k_proj]->backward(ctx, a.dk.reshape({batch, t, kv_heads_ * head_dim_})));
       ops::axpy_(dn1, 1.f, linears_[v_proj]->backward(ctx, a.dv.reshape({batch, t, kv_heads_ * head_dim_})));
     }
-    Tensor dx = ops::rmsnorm_backward(s.x, input_norm_, s.rstd1, dn1);
-    ops::axpy_(dx, 1.f, dh);
-    return dx;
+    return ops::add_rmsnorm_backward(s.x, input_norm_, s.rstd1, dn1, dh);  // norm's gradient + residual's
   }
 
   // Drops every saved activation (the block's and its linears'): activation checkpointing.

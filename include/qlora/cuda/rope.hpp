@@ -21,4 +21,13 @@ template <class T>
 void rope_backward(T* dx, const float* inv_freq, std::int64_t batch, std::int64_t seq, std::int64_t heads,
                    std::int64_t head_dim, std::int64_t pos_offset, Stream stream);
 
+// q (batch, seq, q_heads, head_dim) and k (batch, seq, k_heads, head_dim) rotated in one launch: exactly
+// rope_forward(q) then rope_forward(k) (rope_qk_backward: rope_backward of both).
+template <class T>
+void rope_qk_forward(T* q, T* k, const float* inv_freq, std::int64_t batch, std::int64_t seq, std::int64_t q_heads,
+                     std::int64_t k_heads, std::int64_t head_dim, std::int64_t pos_offset, Stream stream);
+template <class T>
+void rope_qk_backward(T* dq, T* dk, const float* inv_freq, std::int64_t batch, std::int64_t seq, std::int64_t q_heads,
+                      std::int64_t k_heads, std::int64_t head_dim, std::int64_t pos_offset, Stream stream);
+
 }  // namespace qlora::cuda
