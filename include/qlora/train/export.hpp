@@ -5,9 +5,13 @@
 //   export_hf    merged Hugging Face checkpoint: model.safetensors (W + dW per linear) + config.json
 //                (+ the source's tokenizer files)
 //   export_gguf  merged llama.cpp GGUF (F16 / Q8_0 / Q4_1 matrices, F32 norms), q/k rows interleaved,
-//                tokenizer.ggml.* from the source vocabulary when there is one
+//                tokenizer.ggml.* from the source vocabulary when there is one; Q4_1 straight from the codes
+//                of an INT base (b <= 4 bits, groups of a multiple of 32) with its adapter folded into Q4_1's
+//                per-block minimum when that is exact (QA-(B)LoRA, methods/qblora.md "Mergeability condition")
 // Every output is built under a temporary name and renamed when complete (io/atomic_write.hpp).
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <optional>
 #include <string>
@@ -22,6 +26,8 @@
 #include "qlora/io/safetensors.hpp"
 #include "qlora/io/tokenizer_llama2c.hpp"
 #include "qlora/io/tokenizer_load.hpp"
+#include "qlora/nn/merge.hpp"
+#include "qlora/quant/int_codes.hpp"
 
 namespace qlora::train {
 
@@ -176,10 +182,12 @@ struct GgufVocabulary {
 };
 
 // The vocabulary of a tokenizer file, when it can be embedded: a GGUF file's own (copied) or a llama2.c
-// tokenizer.bin (pieces, scores and types: tokenizer.ggml.model "llama"). nullopt for Hugging Face
-// tokenizer.model / tokenizer.json (not converted: docs/export.md).
+// tokenizer.bin (pieces, scores and types: tokenizer.ggml.model "llama"; a directory's tokenizer.bin too).
+// nullopt for Hugging Face tokenizer.model / tokenizer.json (not converted: docs/export.md) and for none.
 inline std::optional<GgufVocabulary> gguf_vocabulary_of(const std::filesystem::path& tokenizer) {
-  if (tokenizer.empty() || std::filesystem::is_directory(tokenizer)) return std::nullopt;
+  if (tokenizer.empty()) return std::nullopt;
+  if (std::filesystem::is_directory(tokenizer))  // a model directory: the llama2.c tokenizer qlora quantize copies
+    return std::filesystem::exists(tokenizer / "tokenizer.bin") ? gguf_vocabulary_of(tokenizer / "tokenizer.bin") : std::nullopt;
   const io::TokenizerFileKind kind = io::tokenizer_file_kind(tokenizer);
   GgufVocabulary v;
   if (kind == io::TokenizerFileKind::gguf) {
@@ -217,11 +225,64 @@ inline std::uint32_t gguf_file_type(io::GgmlType type) {
   }
 }
 
+// The INT base of `linear` with its adapter folded into the zero points (nn::merge_into_zero_points, on a copy:
+// the layer is not changed), or nullopt when the base is not INT or the adapter does not merge exactly.
+inline std::optional<quant::QuantizedTensor> int_base_with_merged_adapter(nn::Linear& linear) {
+  using nn::IntGroupBase;
+  if (auto* l = dynamic_cast<nn::QuantLinear<IntGroupBase, nn::NoAdapter>*>(&linear)) return l->base().quantized();
+  const auto merged = [](auto* l) -> std::optional<quant::QuantizedTensor> {
+    quant::QuantizedTensor q = l->base().quantized();
+    if (!nn::zero_point_merge_refusal(q, l->adapter().shape()).empty()) return std::nullopt;
+    nn::merge_into_zero_points(q, l->adapter().pooled_delta(), l->adapter().shape());
+    return q;
+  };
+  if (auto* l = dynamic_cast<nn::QuantLinear<IntGroupBase, nn::LowRank>*>(&linear)) return merged(l);
+  if (auto* l = dynamic_cast<nn::QuantLinear<IntGroupBase, nn::FullPooled>*>(&linear)) return merged(l);
+  return std::nullopt;
+}
+
+// Q4_1 blocks ([rows, cols / 32 * 20] bytes, HF row order) holding exactly the INT grid of q, or nullopt when
+// q has no exact Q4_1 form. Our value scale * (code - zero) is ggml's d * nibble + m with d = scale (an f16
+// value: exact), nibble = code (0..2^b - 1 <= 15) and m = -scale * zero, which is exact up to m's rounding to
+// f16: a QA-(B)LoRA adapter merged into the (then fractional) zero moves m, never d or the codes. Needs b <= 4
+// bits and every 32-value block inside one group (group a multiple of 32, rows of a multiple of 32 values).
+inline std::optional<Tensor> exact_q4_1_blocks(const quant::QuantizedTensor& q) {
+  const bool int_grid = q.config.scheme == quant::Scheme::int_asym || q.config.scheme == quant::Scheme::int_sym;
+  const std::int64_t block = cpu::kGgufBlockValues;
+  if (!int_grid || q.config.bits > 4 || q.cols % block != 0 || q.group_size() % block != 0) return std::nullopt;
+  const quant::IntCodes u = quant::unpack_int_codes(q.to(Device::cpu()), "export to gguf");
+  const std::int64_t blocks_per_row = u.cols / block;
+  Tensor out = Tensor::empty(Shape{u.rows, blocks_per_row * std::int64_t(sizeof(cpu::BlockQ4_1))}, DType::u8);
+  auto* blocks = reinterpret_cast<cpu::BlockQ4_1*>(out.data<std::uint8_t>());
+  for (std::int64_t o = 0; o < u.rows; ++o)
+    for (std::int64_t b = 0; b < blocks_per_row; ++b) {
+      const cpu::IntGrid grid = u.grids[std::size_t(o * u.groups_per_row + b * block / u.group)];
+      cpu::BlockQ4_1& dst = blocks[o * blocks_per_row + b];
+      dst.d = to_f16(grid.scale);
+      dst.m = to_f16(float(-double(grid.scale) * double(grid.zero)));
+      if (!std::isfinite(to_float(dst.m))) return std::nullopt;  // beyond f16's range: re-quantize instead
+      const std::uint8_t* codes = u.codes.data() + o * u.cols + b * block;
+      for (std::int64_t j = 0; j < block / 2; ++j) dst.q[j] = std::uint8_t(codes[j] | (codes[j + block / 2] << 4));
+    }
+  return out;
+}
+
+// How export_gguf wrote the matrices (embedding, block linears, head) when asked for Q8_0 or Q4_1.
+struct GgufExportSummary {
+  std::int64_t exact_q4_1 = 0;    // block linears in Q4_1 taken from their INT codes (adapter folded into m)
+  std::int64_t requantized = 0;   // Q8_0 / Q4_1 by ggml's reference quantizer from the merged dense weights
+  std::int64_t f16_fallback = 0;  // rows not a multiple of 32 values: F16
+};
+
 // Writes a llama-architecture GGUF of the merged model: matrices as `matrix_type` (a matrix whose rows are
 // not a multiple of 32 values falls back to F16, as llama.cpp's quantize does), norms F32, q/k rows
-// permuted to llama.cpp's interleaved order, and the vocabulary when given.
-inline void export_gguf(models::llama::Model& model, const std::filesystem::path& out_file, io::GgmlType matrix_type,
-                        const std::optional<GgufVocabulary>& vocabulary = std::nullopt, const std::string& name = "") {
+// permuted to llama.cpp's interleaved order, and the vocabulary when given (without one the file is valid
+// but llama.cpp cannot tokenize with it). Q4_1 block linears come straight from their INT codes when
+// exact_q4_1_blocks allows it (the adapter folded into m when it merges exactly), else from ggml's reference
+// quantizer over W + dW.
+inline GgufExportSummary export_gguf(models::llama::Model& model, const std::filesystem::path& out_file,
+                                     io::GgmlType matrix_type, const std::optional<GgufVocabulary>& vocabulary = std::nullopt,
+                                     const std::string& name = "") {
   const io::LlamaConfig& c = model.config();
   QLORA_CHECK(!c.rope_scaling || c.rope_scaling->type == "linear",
               "export to gguf: rope_scaling '" + (c.rope_scaling ? c.rope_scaling->type : std::string()) +
@@ -268,22 +329,46 @@ inline void export_gguf(models::llama::Model& model, const std::filesystem::path
     if (t.add_eos) w.set("tokenizer.ggml.add_eos_token", V::boolean(*t.add_eos));
     if (t.model == "llama") w.set("tokenizer.ggml.add_space_prefix", V::boolean(vocabulary->add_space_prefix));
   }
+  // The block linears whose Q4_1 blocks come from their INT codes, by HF tensor name.
+  std::vector<std::pair<std::string, Tensor>> exact;
+  if (matrix_type == io::GgmlType::Q4_1)
+    for (std::int64_t i = 0; i < model.num_layers(); ++i)
+      for (std::size_t p = 0; p < models::llama::all_block_linears().size(); ++p) {
+        nn::Linear& linear = model.block(i).linear(models::llama::DecoderBlock::Proj(p));
+        if (const auto q = int_base_with_merged_adapter(linear))
+          if (auto blocks = exact_q4_1_blocks(*q)) exact.emplace_back(linear.name() + ".weight", std::move(*blocks));
+      }
+  GgufExportSummary summary;
+  // convert_hf_to_gguf.py's permute(): q over head_count heads, k over head_count_kv heads (rows of any dtype).
+  const auto interleave_rope_rows = [&](const std::string& hf_name, const Tensor& t) {
+    if (hf_name.ends_with("self_attn.q_proj.weight")) return io::rope_rows_half_to_interleaved(t, c.num_attention_heads, hf_name);
+    if (hf_name.ends_with("self_attn.k_proj.weight")) return io::rope_rows_half_to_interleaved(t, c.num_key_value_heads, hf_name);
+    return t;
+  };
   for (auto& [hf_name, tensor] : detail::merged_hf_tensors(model)) {
     const std::optional<std::string> gguf_name = io::hf_to_gguf_name(hf_name);
     QLORA_CHECK(gguf_name.has_value(), "export to gguf: no llama.cpp name for tensor " + hf_name);
-    Tensor t = tensor;
-    // convert_hf_to_gguf.py's permute(): q over head_count heads, k over head_count_kv heads.
-    if (hf_name.ends_with("self_attn.q_proj.weight")) t = io::rope_rows_half_to_interleaved(t, c.num_attention_heads, hf_name);
-    if (hf_name.ends_with("self_attn.k_proj.weight")) t = io::rope_rows_half_to_interleaved(t, c.num_key_value_heads, hf_name);
+    const auto from_codes = std::find_if(exact.begin(), exact.end(), [&](const auto& e) { return e.first == hf_name; });
+    if (from_codes != exact.end()) {
+      const Tensor blocks = interleave_rope_rows(hf_name, from_codes->second);
+      const auto* bytes = reinterpret_cast<const std::byte*>(blocks.data<std::uint8_t>());
+      w.add_encoded_tensor(*gguf_name, {tensor.dim(0), tensor.dim(1)}, io::GgmlType::Q4_1,
+                           std::vector<std::byte>(bytes, bytes + blocks.nbytes()));
+      ++summary.exact_q4_1;
+      continue;
+    }
+    const Tensor t = interleave_rope_rows(hf_name, tensor);
     io::GgmlType type = io::GgmlType::F32;
     if (t.rank() == 2) {
       type = matrix_type;
       const bool blocked = type == io::GgmlType::Q8_0 || type == io::GgmlType::Q4_1;
       if (blocked && t.shape().last() % cpu::kGgufBlockValues != 0) type = io::GgmlType::F16;
+      if (blocked) ++(type == io::GgmlType::F16 ? summary.f16_fallback : summary.requantized);
     }
     w.add_tensor(*gguf_name, t, type);
   }
   w.write(out_file);
+  return summary;
 }
 
 }  // namespace qlora::train
