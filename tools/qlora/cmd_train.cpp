@@ -1,6 +1,7 @@
 // qlora train MODEL --data FILE [--format alpaca|jsonl|text] --adapter lora|qblora|qalora|qablora|hira
 //             --rank R --alpha A [--quant nf4|intB-gG|dint4-gG|none] --steps N --lr LR --batch B
-//             --micro-batch M [--seq-len L] --out DIR [--resume DIR] [--device cpu|cuda] [--seed S] ...
+//             --micro-batch M [--seq-len L] --out DIR [--resume DIR] [--device cpu|cuda] [--seed S]
+//             [--rank-adaptive [--rank-budget P] [--rank-every N] ...] ...
 // Loads the model, quantizes its block linears on the fly, attaches adapters and trains them
 // (include/qlora/train/trainer.hpp). Everything that can be wrong with the input (model, tokenizer, data,
 // flags) is checked before OUT is created, so a failed start leaves no output directory behind.
@@ -29,6 +30,7 @@
 #include "qlora/io/quantized_model.hpp"
 #include "qlora/train/instruction_data.hpp"
 #include "qlora/train/objective.hpp"
+#include "qlora/train/rank_adaptive.hpp"
 #include "qlora/train/text_data.hpp"
 #include "qlora/train/trainer.hpp"
 
@@ -47,6 +49,8 @@ struct TrainFlags {
   double lr = 2e-4, weight_decay = 0.0, max_grad_norm = 0.3;
   std::uint64_t seed = 42;
   bool group_by_length = false, checkpointing = false, skip_nonfinite = false, train_on_source = false;
+  bool rank_adaptive = false;  // RA-LoRA (train/rank_adaptive.hpp); rank_options' 0s are its automatic defaults
+  train::RankAdaptiveOptions rank_options;
 };
 
 std::vector<std::string> split_commas(const std::string& s) {
@@ -137,6 +141,7 @@ void run_train(TrainFlags f) {
   std::vector<train::Example> eval_set;
   std::optional<ml::Model> teacher;
   std::unique_ptr<train::Objective<ml::Model>> objective;
+  std::optional<train::RankAdaptiveLora> rank_adaptive;
   dist::fail_together(*comm, [&] {
     const ml::AdapterInitMethod init = ml::parse_adapter_init_method(f.init);
     if (f.objective != "sft" && f.objective != "rilq" && f.objective != "ti")
@@ -182,6 +187,10 @@ void run_train(TrainFlags f) {
     if (f.objective != "sft")  // the full-precision teacher of RILQ / TI: MODEL itself unless --teacher
       teacher.emplace(ml::load_model(f.teacher.empty() ? f.model : f.teacher, ml::teacher_load_options(load)));
     objective = ml::make_objective(ml::ObjectiveOptions{f.objective, {}, {}}, teacher ? &*teacher : nullptr);
+    if (f.rank_adaptive) {
+      f.rank_options.seed = f.seed;
+      rank_adaptive.emplace(block_linears(*model), f.rank_options, f.steps);
+    }
   });
 
   train::TrainerConfig cfg;
@@ -203,6 +212,10 @@ void run_train(TrainFlags f) {
   cfg.run = {{"model", f.model},   {"data", f.data},     {"format", f.format}, {"adapter", description.to_json()},
              {"batch", f.batch},   {"micro_batch", f.micro_batch}, {"lr", f.lr}, {"schedule", f.schedule},
              {"seq_len", f.seq_len}, {"seed", f.seed},   {"steps", f.steps}};
+  if (rank_adaptive) {  // recorded as given (its automatic defaults follow from the rest of the run)
+    cfg.run["rank_adaptive"] = f.rank_options.to_json();
+    cfg.reshaper = &*rank_adaptive;
+  }
   cfg.peak_memory = [] { return CpuAllocator::instance().stats().peak_allocated_bytes; };
 #if defined(QLORA_WITH_CUDA)
   if (!load.device.is_cpu())
@@ -223,6 +236,11 @@ void run_train(TrainFlags f) {
       fmt::print(stderr, "training {} adapters ({} parameters, objective {}) on a {} base of {} ({} examples, {} steps{})\n",
                  f.adapter, model->trainable_parameter_count(), f.objective, f.quant, f.model, loader->size(), f.steps,
                  comm->size() > 1 ? fmt::format(", {} processes over {}", comm->size(), comm->backend()) : "");
+    if (root && rank_adaptive) {
+      const auto& o = rank_adaptive->options();
+      fmt::print(stderr, "rank-adaptive: budget {} parameters, ranks in [{}, {}], analysis at steps {}, {}+{}k .. {}\n",
+                 o.budget, o.rule.min_rank, o.rule.max_rank, o.start, o.start, o.every, o.stop);
+    }
     return trainer->run();
   };
   train::TrainSummary summary;
@@ -235,7 +253,9 @@ void run_train(TrainFlags f) {
 
   dist::fail_together(*comm, [&] {
     if (!root) return;
-    train::save_adapter(fs::path(f.out) / "adapter", description, model->params());
+    train::AdapterDescription trained = description;
+    if (rank_adaptive) trained.rank_pattern = rank_adaptive->rank_pattern();
+    train::save_adapter(fs::path(f.out) / "adapter", trained, model->params());
     // Loss curve from the whole metrics file (a resumed run's history included).
     std::vector<std::pair<double, double>> train_curve, eval_curve;
     std::ifstream metrics(fs::path(f.out) / "metrics.jsonl");
@@ -249,7 +269,7 @@ void run_train(TrainFlags f) {
                               train::loss_curve_svg(train_curve, eval_curve, f.adapter + " on " + f.quant + ": loss"));
     nlohmann::json s = summary.to_json();
     s["trainable_parameters"] = model->trainable_parameter_count();
-    s["adapter"] = description.to_json();
+    s["adapter"] = trained.to_json();
     s["world_size"] = comm->size();
     io::write_file_atomically(fs::path(f.out) / "summary.json", s.dump(2) + "\n");
     fmt::print("{}\n", s.dump());
@@ -302,6 +322,19 @@ void register_train(CLI::App& app) {
   cmd->add_option("--resume", f->resume, "Continue the run in this directory from its newest checkpoint");
   cmd->add_option("--device", f->device, "cpu or cuda[:N]");
   cmd->add_option("--seed", f->seed, "Seed of the adapter init, data order and dropout");
+  cmd->add_flag("--rank-adaptive", f->rank_adaptive,
+                "RA-LoRA: reallocate the adapters' ranks during training by subspace analysis, under --rank-budget");
+  cmd->add_option("--rank-budget", f->rank_options.budget, "Most trainable adapter parameters (default: the count at --rank)");
+  cmd->add_option("--rank-every", f->rank_options.every, "Analyse the ranks every N steps (default 200)");
+  cmd->add_option("--rank-warmup", f->rank_options.start, "First analysis after N steps (default: --rank-every)");
+  cmd->add_option("--rank-stop", f->rank_options.stop, "No analysis after N steps (default: 30% of --steps)");
+  cmd->add_option("--rank-min", f->rank_options.rule.min_rank, "Smallest rank of a layer (default: min(8, the start rank))");
+  cmd->add_option("--rank-max", f->rank_options.rule.max_rank, "Largest rank of a layer (default: twice the start rank)");
+  cmd->add_option("--rank-energy", f->rank_options.rule.energy, "Energy a layer's rank keeps, tau (default 0.9)");
+  cmd->add_option("--rank-stability", f->rank_options.rule.stability,
+                  "Subspace similarity phi above which directions count as settled, rho (default 0.9)");
+  cmd->add_option("--rank-margin", f->rank_options.rule.margin, "Ranks added to what the criteria ask for (default 4)");
+  cmd->add_option("--rank-multiple", f->rank_options.rule.multiple, "Round ranks up to a multiple of N (default 1)");
   cmd->callback([f] { run_train(*f); });
 }
 

@@ -12,6 +12,7 @@
 #include "qlora/dist/make_communicator.hpp"
 #include "qlora/io/tokenizer_load.hpp"
 #include "qlora/train/adapter_files.hpp"
+#include "qlora/train/rank_adaptive.hpp"
 
 namespace qlora::tool {
 
@@ -58,6 +59,15 @@ inline std::unique_ptr<io::Tokenizer> open_tokenizer(const std::string& model, c
   return io::load_tokenizer(*path);
 }
 
+// The model's block linears, layer by layer.
+inline std::vector<nn::Linear*> block_linears(models::llama::Model& model) {
+  std::vector<nn::Linear*> out;
+  for (std::int64_t i = 0; i < model.num_layers(); ++i)
+    for (std::size_t p = 0; p < models::llama::all_block_linears().size(); ++p)
+      out.push_back(&model.block(i).linear(models::llama::DecoderBlock::Proj(p)));
+  return out;
+}
+
 // The model with an adapter from `qlora train` attached (or none): its description decides the adapter
 // layers and, unless --quant overrides it, the base format the adapter was trained on.
 inline models::llama::Model load_with_adapter(const std::string& model, const std::string& adapter_dir,
@@ -73,6 +83,7 @@ inline models::llama::Model load_with_adapter(const std::string& model, const st
   options.targets = description.targets;
   options.quant = parse_quant(quant_flag.empty() ? description.quant : quant_flag);
   models::llama::Model m = models::llama::load_model(model, options);
+  train::apply_rank_pattern(block_linears(m), description.rank_pattern, adapter_dir + "/adapter_config.json");
   train::load_adapter_values(adapter_dir, m.params());
   return m;
 }

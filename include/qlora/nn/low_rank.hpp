@@ -54,6 +54,23 @@ class LowRank {
 
   // After a merge: the adapter contributes nothing (B = 0), so the layer's output is the merged base's.
   void reset_to_zero() { B.value.zero_(); }
+
+  // RA-LoRA (nn/rank_adaptive.hpp) changes the rank: new factors a (r2 x d_in/p) and b (d_out/k x r2) in the
+  // parameters' dtype and device. The Params stay the same objects (the trainer's lists remain valid); their
+  // gradients and the saved forward are dropped. The scale s is kept: it is frozen at alpha / r_init, so a rank
+  // change never rescales what was learned (methods/ra-lora.md).
+  void set_factors(Tensor a, Tensor b) {
+    QLORA_CHECK(a.rank() == 2 && b.rank() == 2 && a.dim(0) == b.dim(1) && a.dim(0) >= 1 && a.dim(1) == A.value.dim(1) &&
+                    b.dim(0) == B.value.dim(0) && a.dtype() == A.value.dtype() && b.dtype() == B.value.dtype() &&
+                    a.device() == A.value.device() && b.device() == B.value.device(),
+                A.name + ": new factors " + a.str() + " and " + b.str() + " do not fit the layer (" + A.value.str() +
+                    ", " + B.value.str() + ")");
+    shape_.rank = a.dim(0);
+    A.value = std::move(a);
+    B.value = std::move(b);
+    A.grad = B.grad = Tensor();
+    release_saved();
+  }
   void release_saved() { u_ = v_ = Tensor(); }
 
   // Accumulates dA, dB from dy (N, d_out); adds the input gradient into dx (N, d_in) when dx is given.

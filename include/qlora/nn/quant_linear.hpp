@@ -60,6 +60,8 @@ class Linear {
   virtual std::optional<PlainLora> plain_lora() const = 0;
   // The quantized base as stored (saving a quantized model); nullptr for a dense base.
   virtual const quant::QuantizedTensor* quantized_weight() const { return nullptr; }
+  // The low-rank adapter, whose rank RA-LoRA changes (nn/rank_adaptive.hpp); nullptr for other adapters.
+  virtual LowRank* low_rank_adapter() { return nullptr; }
 
  protected:
   explicit Linear(std::string name) : name_(std::move(name)) {}
@@ -153,6 +155,11 @@ class QuantLinear final : public Linear {
   const quant::QuantizedTensor* quantized_weight() const override {
     if constexpr (std::is_same_v<Base, DenseBase>) return nullptr;
     else return &base_.quantized();
+  }
+
+  LowRank* low_rank_adapter() override {
+    if constexpr (std::is_same_v<Adapter, LowRank>) return &adapter_;
+    else return nullptr;
   }
 
  private:

@@ -2,10 +2,14 @@
 // The trained adapter as `qlora train` leaves it (OUT/adapter/) and `qlora eval/generate --adapter` read it:
 //   adapter.safetensors   every adapter parameter by its layer name ("model.layers.3.self_attn.q_proj.lora_A")
 //   adapter_config.json   {"format": "qlora-adapter", "adapter", "rank", "alpha", "dropout", "pool", "repeat",
-//                          "targets", "quant", "base_model"}: what rebuilds the same layers on the same base.
+//                          "targets", "quant", "base_model"}: what rebuilds the same layers on the same base;
+//                          "rank_pattern" {layer: r'} for the layers whose adapter rank RA-LoRA
+//                          (train/rank_adaptive.hpp) moved away from the one the configuration builds (the
+//                          scale stays alpha / rank everywhere).
 // (PEFT's layout is an export format: `qlora export --to peft`.)
 
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,9 +28,10 @@ struct AdapterDescription {
   std::vector<std::string> targets;
   std::string quant = "none";  // the base format the adapter was trained on
   std::string base_model;
+  std::map<std::string, std::int64_t> rank_pattern = {};  // layer -> r', where RA-LoRA changed the built rank
 
   nlohmann::json to_json() const {
-    return {{"format", "qlora-adapter"},
+    nlohmann::json j = {{"format", "qlora-adapter"},
             {"adapter", std::string(nn::adapter_kind_name(adapter.kind))},
             {"rank", adapter.rank},
             {"alpha", adapter.alpha},
@@ -37,6 +42,8 @@ struct AdapterDescription {
             {"targets", targets},
             {"quant", quant},
             {"base_model", base_model}};
+    if (!rank_pattern.empty()) j["rank_pattern"] = rank_pattern;
+    return j;
   }
 
   static AdapterDescription from_json(const nlohmann::json& j, const std::string& where) {
@@ -53,6 +60,12 @@ struct AdapterDescription {
       d.targets = j.at("targets").get<std::vector<std::string>>();
       d.quant = j.value("quant", std::string("none"));
       d.base_model = j.value("base_model", std::string());
+      const nlohmann::json pattern = j.value("rank_pattern", nlohmann::json::object());
+      for (const auto& [layer, rank] : pattern.items()) {
+        if (!rank.is_number_integer() || rank.get<std::int64_t>() < 1)
+          throw Error(where + ": rank_pattern of " + layer + " is " + rank.dump() + ", not a positive integer");
+        d.rank_pattern[layer] = rank.get<std::int64_t>();
+      }
       return d;
     } catch (const nlohmann::json::exception& e) {
       throw Error(where + ": " + e.what());

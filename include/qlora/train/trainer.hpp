@@ -29,6 +29,10 @@
 // from a checkpoint takes exactly the steps the uninterrupted run would have taken (bit for bit on the CPU
 // with the same world size). Rank 0 alone prints and writes (metrics, checkpoints); the others wait for each
 // checkpoint at a collective that also propagates a failure (dist::fail_together).
+//
+// A ParameterReshaper (RA-LoRA, train/rank_adaptive.hpp) may change the trainable parameters' shapes after an
+// optimizer step; the trainer then rebuilds its optimizer (with the state the reshaper maps over) and its
+// gradient buckets, and checkpoints carry the reshaper's own tensors beside the adapter.
 
 #include <chrono>
 #include <cmath>
@@ -59,6 +63,30 @@
 
 namespace qlora::train {
 
+// Changes the shapes of trainable parameters between optimizer steps (RA-LoRA's rank reallocation). The Param
+// objects stay the same; their values change shape (and lose their gradients). Runs on every rank in lockstep
+// and must be deterministic, so that the ranks stay identical and a resumed run repeats the uninterrupted one.
+class ParameterReshaper {
+ public:
+  virtual ~ParameterReshaper() = default;
+  struct Report {
+    bool reshaped = false;                     // some parameter changed shape
+    nlohmann::json record;                     // for metrics.jsonl (null: nothing to log)
+    std::string line;                          // for the progress output (empty: nothing to print)
+  };
+  // After `steps_done` optimizer steps.
+  virtual Report after_step(std::int64_t steps_done) = 0;
+  // The optimizer state for the parameters as they are now, from the state before the change (the optimizer's
+  // state_tensors(), "<param>.<state>").
+  virtual std::vector<std::pair<std::string, Tensor>> remap_optimizer_state(
+      const std::vector<std::pair<std::string, Tensor>>& before) = 0;
+  // Tensors saved in every checkpoint beside the parameters (frozen Params with unique names) and restored on
+  // resume.
+  virtual std::vector<Param*> checkpoint_state() = 0;
+  // Before the checkpoint in `dir` is loaded: gives the parameters and checkpoint_state() the shapes stored there.
+  virtual void prepare_resume(const std::filesystem::path& dir) = 0;
+};
+
 struct TrainerConfig {
   std::int64_t steps = 100;
   std::int64_t batch = 16;        // examples per optimizer step over all ranks (QLoRA: 16)
@@ -79,6 +107,7 @@ struct TrainerConfig {
   nlohmann::json run = nlohmann::json::object();  // recorded in checkpoints; a resume must match it
   std::function<void(const std::string&)> print = [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); };
   std::function<std::size_t()> peak_memory = [] { return std::size_t(0); };
+  ParameterReshaper* reshaper = nullptr;  // not owned; RA-LoRA (--rank-adaptive), else none
 };
 
 struct TrainSummary {
@@ -98,7 +127,7 @@ class Trainer {
   Trainer(Model& model, DataLoader& data, const std::vector<Example>* eval_set, TrainerConfig config,
           dist::Communicator& comm = dist::single_process())
       : model_(model), data_(data), eval_(eval_set), cfg_(std::move(config)), comm_(comm), params_(model.params()),
-        optimizer_(params_, AdamWOptions{cfg_.lr, 0.9, 0.999, 1e-8, cfg_.weight_decay}),
+        optimizer_(std::make_unique<AdamW>(params_, AdamWOptions{cfg_.lr, 0.9, 0.999, 1e-8, cfg_.weight_decay})),
         schedule_(LrSchedule::parse(ScheduleOptions{cfg_.schedule, cfg_.lr, cfg_.steps, cfg_.warmup_steps, 0.0, 0.0})) {
     const std::int64_t world = comm_.size();
     if (cfg_.batch < 1 || cfg_.micro_batch < 1 || cfg_.batch % (cfg_.micro_batch * world) != 0)
@@ -109,15 +138,10 @@ class Trainer {
     micro_batches_ = cfg_.batch / cfg_.micro_batch;
     cfg_.run["world_size"] = world;
     if (!comm_.is_root()) cfg_.print = [](const std::string&) {};
-    if (world > 1) {
-      // Buckets in the order the gradients become final: the last block's first.
-      std::vector<Param*> reverse(params_.rbegin(), params_.rend());
-      bucketer_ = std::make_unique<dist::GradientBucketer>(comm_, std::move(reverse), cfg_.bucket_bytes,
-                                                           dist::GradientBucketer::Reduction::sum);
-    }
+    make_bucketer();
   }
 
-  AdamW& optimizer() { return optimizer_; }
+  AdamW& optimizer() { return *optimizer_; }
 
   // Continues from the newest complete checkpoint under `dir` (a run directory). The run configuration must
   // match the one recorded there, except for the number of steps.
@@ -128,7 +152,11 @@ class Trainer {
       latest = latest_checkpoint(dir);
       if (!latest)
         throw Error("--resume " + dir.string() + ": no complete checkpoint under " + (dir / "checkpoints").string());
-      state = load_checkpoint(*latest, params_, optimizer_);
+      if (cfg_.reshaper) {  // the checkpoint's shapes first, then an optimizer for them
+        cfg_.reshaper->prepare_resume(*latest);
+        rebuild_optimizer(nullptr);
+      }
+      state = load_checkpoint(*latest, checkpoint_params(), *optimizer_);
     });
     nlohmann::json saved = state.run, wanted = cfg_.run;
     // Checkpoints from before data parallelism were written by one process.
@@ -172,9 +200,15 @@ class Trainer {
         cfg_.print(what + "; step skipped");
         ++summary.skipped_steps;
       } else {
-        optimizer_.set_lr(lr);
+        optimizer_->set_lr(lr);
         const double clip = cfg_.max_grad_norm > 0 ? clip_coefficient(norm, cfg_.max_grad_norm) : 1.0;
-        optimizer_.step(clip * r.grad_scale);
+        optimizer_->step(clip * r.grad_scale);
+      }
+      if (cfg_.reshaper) {  // before the checkpoint of this step, so that a resume starts from the new shapes
+        const ParameterReshaper::Report report = cfg_.reshaper->after_step(step + 1);
+        if (!report.line.empty()) cfg_.print(report.line);
+        if (log && !report.record.is_null()) log->write(report.record);
+        if (report.reshaped) rebuild_optimizer(cfg_.reshaper);
       }
       tokens_since_start += r.tokens;
       summary.tokens += r.tokens;
@@ -199,7 +233,7 @@ class Trainer {
       if ((cfg_.save_every > 0 && (step + 1) % cfg_.save_every == 0) || last)
         dist::fail_together(comm_, [&] {  // the other ranks wait here until the checkpoint is complete
           if (comm_.is_root())
-            save_checkpoint(cfg_.out, params_, optimizer_, TrainerState{step + 1, data_.position(), cfg_.run},
+            save_checkpoint(cfg_.out, checkpoint_params(), *optimizer_, TrainerState{step + 1, data_.position(), cfg_.run},
                             cfg_.keep_checkpoints);
         });
     }
@@ -317,6 +351,36 @@ class Trainer {
     return r;
   }
 
+  // Buckets in the order the gradients become final: the last block's first (several ranks only).
+  void make_bucketer() {
+    if (comm_.size() == 1) return;
+    std::vector<Param*> reverse(params_.rbegin(), params_.rend());
+    bucketer_ = std::make_unique<dist::GradientBucketer>(comm_, std::move(reverse), cfg_.bucket_bytes,
+                                                         dist::GradientBucketer::Reduction::sum);
+  }
+
+  // After the parameters changed shape: a new optimizer over them, with the state `reshaper` maps over from the
+  // old one (nullptr: zero state, to be loaded from a checkpoint), its step count and learning rate kept; new
+  // gradient buckets.
+  void rebuild_optimizer(ParameterReshaper* reshaper) {
+    const nlohmann::json scalars = optimizer_->scalar_state();
+    std::vector<std::pair<std::string, Tensor>> state;
+    if (reshaper) state = reshaper->remap_optimizer_state(optimizer_->state_tensors());
+    auto fresh = std::make_unique<AdamW>(params_, optimizer_->options());
+    if (reshaper) fresh->load_state(scalars, state);
+    optimizer_ = std::move(fresh);
+    bucketer_.reset();
+    make_bucketer();
+  }
+
+  // What a checkpoint holds: the parameters, and the reshaper's own tensors.
+  std::vector<Param*> checkpoint_params() {
+    std::vector<Param*> all = params_;
+    if (cfg_.reshaper)
+      for (Param* p : cfg_.reshaper->checkpoint_state()) all.push_back(p);
+    return all;
+  }
+
   void scale_grads(double factor) {
     for (Param* p : params_)
       if (p->grad.defined()) ops::scale_(p->grad, float(factor));
@@ -334,7 +398,7 @@ class Trainer {
   TrainerConfig cfg_;
   dist::Communicator& comm_;
   std::vector<Param*> params_;
-  AdamW optimizer_;
+  std::unique_ptr<AdamW> optimizer_;
   LrSchedule schedule_;
   std::int64_t micro_batches_ = 1;  // per step, over all ranks
   std::int64_t start_step_ = 0;
