@@ -20,10 +20,22 @@
 //      calibrated on the outputs of the already quantized blocks < l.
 // Raw input rows are not kept for the quantizers (no max_sample_rows): every method registered here works
 // from H, and the per-block transforms receive the block's inputs themselves.
+//
+// Across ranks (docs/distributed.md, "Distributed calibration"): every rank holds the whole model and the
+// same seeded window list; window k is forwarded by rank k % size (dist::ShardedRows), so the forwards are
+// sharded. Before each group's solves one all-reduce sums the ranks' raw X^T X and one their row counts;
+// H = sum / N then equals one process's (f64 sums rounded to f32 once, quant/gram.hpp: the summation order
+// does not show, bar an element within 1e-16 of an f32 rounding midpoint; on CUDA, to f32 rounding). Each
+// solve runs once, on one rank (member j of the group on rank j % size), and its QuantizedTensor is
+// broadcast byte for byte: every rank installs the same codes, and the group's independent solves run in
+// parallel. A BlockTransform runs on rank 0 over every window's block input (broadcast from the ranks that
+// computed them) and its result, the norms and dense linears, is broadcast. Local work between collectives runs in dist::fail_together, so a
+// failure on one rank stops all of them instead of leaving them waiting.
 
 #include <chrono>
 #include <cstdio>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <string>
@@ -32,12 +44,17 @@
 #include "qlora/core/error.hpp"
 #include "qlora/core/philox.hpp"
 #include "qlora/core/tensor.hpp"
+#include "qlora/dist/communicator.hpp"
+#include "qlora/dist/fail_together.hpp"
+#include "qlora/dist/sharded_rows.hpp"
+#include "qlora/dist/single_process.hpp"
 #include "qlora/io/tokenizer.hpp"
 #include "qlora/nn/context.hpp"
 #include "qlora/nn/linear_factory.hpp"
 #include "qlora/quant/format.hpp"
 #include "qlora/quant/gram.hpp"
 #include "qlora/train/evaluation.hpp"
+#include "models/llama/aqas.hpp"
 #include "models/llama/model.hpp"
 
 namespace qlora::models::llama {
@@ -142,10 +159,10 @@ inline std::vector<std::vector<Proj>> sequential_groups(bool true_sequential) {
   return {{Proj::q_proj, Proj::k_proj, Proj::v_proj}, {Proj::o_proj}, {Proj::gate_proj, Proj::up_proj}, {Proj::down_proj}};
 }
 
-// Replaces one linear of the block by the quantizer's output (no adapter; same dropout stream as load).
-inline void quantize_linear(DecoderBlock& block, Proj p, const LayerQuantizer& quantizer, const Tensor& gram,
-                            Device device) {
-  nn::Linear& linear = block.linear(p);
+// The quantizer's output for one linear of the block, checked against the linear's shape.
+inline quant::QuantizedTensor solve_linear(const DecoderBlock& block, Proj p, const LayerQuantizer& quantizer,
+                                           const Tensor& gram) {
+  const nn::Linear& linear = block.linear(p);
   const std::string name = linear.name();
   const Tensor weight = linear.merged_weight(DType::f32);
   quant::QuantizedTensor q = quantizer(name, weight, gram);
@@ -154,9 +171,143 @@ inline void quantize_linear(DecoderBlock& block, Proj p, const LayerQuantizer& q
                   " matrix, expected " + std::to_string(linear.out_features()) + " x " +
                   std::to_string(linear.in_features()));
   q.check(name);
+  return q;
+}
+
+// Replaces one linear of the block by its quantized weight (no adapter; same dropout stream as load).
+inline void install_quantized(DecoderBlock& block, Proj p, const quant::QuantizedTensor& q, Device device) {
+  const std::string name = block.linear(p).name();
   const std::uint64_t stream = std::uint64_t(block.index()) * DecoderBlock::kProjCount + std::uint64_t(p);
   block.replace_linear(p, nn::make_linear(name, nn::BaseWeight(q.to(device)), nn::AdapterConfig{nn::AdapterKind::none},
                                           0, stream));
+}
+
+// ---- collectives of the distributed pass (identities in a world of one) ----
+
+// t = root's t on every rank, for a tensor on any device (the host communicator carries it).
+inline void broadcast_via_host(dist::Communicator& comm, Tensor& t, int root) {
+  if (t.device().is_cpu()) return comm.broadcast_(t, root);
+  Tensor host = t.to(Device::cpu());
+  comm.broadcast_(host, root);
+  t.copy_from(host);
+}
+
+// The members of a QuantizedTensor, in QuantizedTensor::to's order.
+inline std::vector<Tensor*> quantized_members(quant::QuantizedTensor& q) {
+  return {&q.codes, &q.scales, &q.zeros, &q.absmax_codes, &q.absmax_scales};
+}
+
+// q = root's q on every rank (on the host), byte for byte. The other ranks' q is ignored: root first
+// broadcasts the layout (config name, rows, cols, absmax_mean's bits, each member's dtype and shape), then
+// each member's bytes.
+inline void broadcast_quantized(dist::Communicator& comm, quant::QuantizedTensor& q, int root) {
+  if (comm.size() == 1) return;
+  const bool sender = comm.rank() == root;
+  std::vector<std::int64_t> layout;
+  std::string header;
+  if (sender) {
+    q = q.to(Device::cpu());
+    std::uint32_t mean_bits = 0;
+    std::memcpy(&mean_bits, &q.absmax_mean, sizeof mean_bits);
+    layout = {q.rows, q.cols, std::int64_t(mean_bits)};
+    for (Tensor* t : quantized_members(q)) {
+      layout.push_back(t->defined() ? std::int64_t(t->dtype()) : -1);
+      layout.push_back(t->defined() ? t->rank() : 0);
+      for (int i = 0; i < Shape::kMaxRank; ++i) layout.push_back(t->defined() && i < t->rank() ? t->dim(i) : 0);
+    }
+    header.assign(reinterpret_cast<const char*>(layout.data()), layout.size() * sizeof(std::int64_t));
+    header += q.config.name();
+  }
+  header = comm.broadcast_bytes(header, root);
+  if (!sender) {
+    constexpr std::size_t kWords = 3 + 5 * (2 + Shape::kMaxRank);
+    QLORA_CHECK(header.size() > kWords * sizeof(std::int64_t), "broadcast of a quantized layer: truncated layout");
+    layout.resize(kWords);
+    std::memcpy(layout.data(), header.data(), kWords * sizeof(std::int64_t));
+    q = quant::QuantizedTensor{};
+    q.config = quant::QuantConfig::parse(header.substr(kWords * sizeof(std::int64_t)));
+    q.rows = layout[0];
+    q.cols = layout[1];
+    const auto mean_bits = std::uint32_t(layout[2]);
+    std::memcpy(&q.absmax_mean, &mean_bits, sizeof mean_bits);
+    std::size_t at = 3;
+    for (Tensor* t : quantized_members(q)) {
+      const std::int64_t dtype = layout[at], rank = layout[at + 1];
+      Shape shape;
+      for (std::int64_t i = 0; i < rank; ++i) shape = shape.appended(layout[at + 2 + std::size_t(i)]);
+      if (dtype >= 0) *t = Tensor::empty(shape, DType(dtype), Device::cpu());
+      at += 2 + Shape::kMaxRank;
+    }
+  }
+  for (Tensor* t : quantized_members(q))
+    if (t->defined()) comm.broadcast_(*t, root);
+}
+
+// Every window's block input on every rank, in window order (each broadcast by the rank that computed it);
+// `mine` are this rank's own, in window order. Block inputs are (batch, seq, hidden) in the model's dtype.
+inline std::vector<Tensor> all_block_inputs(dist::Communicator& comm, const dist::ShardedRows& deal,
+                                            const std::vector<Tensor>& windows, const std::vector<Tensor>& mine,
+                                            const Model& model) {
+  if (comm.size() == 1) return mine;
+  std::vector<Tensor> all;
+  std::size_t next = 0;
+  for (std::int64_t k = 0; k < deal.items(); ++k) {
+    const Tensor& w = windows[std::size_t(k)];
+    Tensor x = deal.mine(k) ? mine[next++]
+                            : Tensor::empty(Shape{w.dim(0), w.dim(1), model.config().hidden_size}, model.dtype(),
+                                            model.device());
+    broadcast_via_host(comm, x, deal.owner(k));
+    all.push_back(std::move(x));
+  }
+  return all;
+}
+
+// After a BlockTransform ran on `root` alone: every rank takes root's norms and dense linears (weights and
+// activation bits). The linears must be dense, as the transforms (AWQ / AQAS) require.
+inline void broadcast_dense_block(dist::Communicator& comm, DecoderBlock& block, int root) {
+  if (comm.size() == 1) return;
+  broadcast_via_host(comm, block.input_norm(), root);
+  broadcast_via_host(comm, block.post_norm(), root);
+  std::vector<std::int32_t> bits;
+  for (int p = 0; p < DecoderBlock::kProjCount; ++p) bits.push_back(block.linear(Proj(p)).activation_bits());
+  Tensor bits_tensor = Tensor::from(bits, Shape{DecoderBlock::kProjCount});
+  comm.broadcast_(bits_tensor, root);
+  for (int p = 0; p < DecoderBlock::kProjCount; ++p) {
+    Tensor w = dense_weight(block, Proj(p), "distributed calibration").clone();
+    broadcast_via_host(comm, w, root);
+    if (comm.rank() != root) replace_dense(block, Proj(p), std::move(w), bits_tensor.data<std::int32_t>()[p]);
+  }
+}
+
+// The Grams of one group over every rank's rows: one all-reduce of the raw sums X^T X packed end to end (in
+// f64, the CPU accumulator's dtype: see quant/gram.hpp for why), one of the row counts, then H = sum / N
+// (GramAccumulator::gram) on every rank.
+inline std::vector<Tensor> reduced_grams(dist::Communicator& comm, std::vector<quant::GramAccumulator*> grams) {
+  if (comm.size() > 1) {
+    std::int64_t total = 0;
+    for (const quant::GramAccumulator* g : grams) total += g->features() * g->features();
+    Tensor packed = Tensor::empty(Shape{total}, DType::f64, Device::cpu());
+    std::vector<double> rows;
+    std::int64_t at = 0;
+    for (quant::GramAccumulator* g : grams) {
+      const Tensor& sum = g->raw_sum();
+      packed.slice(at, at + sum.numel()).copy_from(sum.to(Device::cpu()).to(DType::f64).reshape(Shape{sum.numel()}));
+      at += sum.numel();
+      rows.push_back(double(g->rows()));
+    }
+    comm.all_reduce_sum_(packed);
+    rows = comm.all_reduce_sums(std::move(rows));
+    at = 0;
+    for (std::size_t j = 0; j < grams.size(); ++j) {
+      Tensor& sum = grams[j]->raw_sum();
+      sum.copy_from(packed.slice(at, at + sum.numel()).reshape(sum.shape()).to(sum.dtype()));
+      at += sum.numel();
+      grams[j]->set_rows(std::int64_t(rows[j]));
+    }
+  }
+  std::vector<Tensor> out;
+  for (const quant::GramAccumulator* g : grams) out.push_back(g->gram());
+  return out;
 }
 
 inline double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -183,7 +334,9 @@ inline QuantizationSummary quantize_model_weights(Model& model, const LayerQuant
   for (std::int64_t i = 0; i < model.num_layers(); ++i) {
     const auto tb = std::chrono::steady_clock::now();
     for (int p = 0; p < DecoderBlock::kProjCount; ++p) {
-      detail::quantize_linear(model.block(i), detail::Proj(p), quantizer, Tensor(), model.device());
+      const auto proj = detail::Proj(p);
+      detail::install_quantized(model.block(i), proj, detail::solve_linear(model.block(i), proj, quantizer, Tensor()),
+                                model.device());
       ++summary.layers;
     }
     if (progress)
@@ -194,27 +347,33 @@ inline QuantizationSummary quantize_model_weights(Model& model, const LayerQuant
   return summary;
 }
 
-// The sequential calibrated pass (see the file comment). windows: i32 (1, L) token tensors (any device);
-// the model is modified in place: every block linear ends up quantized, with no adapter.
+// The sequential calibrated pass (see the file comment). windows: i32 (1, L) token tensors (any device),
+// the same list on every rank of `comm`; the model is modified in place: every block linear ends up
+// quantized, with no adapter, identically on every rank. Collective: every rank of comm calls it alike.
 inline QuantizationSummary quantize_model_sequential(Model& model, const std::vector<Tensor>& windows,
                                                      const LayerQuantizer& quantizer,
                                                      const CalibrationOptions& options = {},
                                                      const BlockTransform& transform = {},
-                                                     const CalibrationProgress& progress = {}) {
+                                                     const CalibrationProgress& progress = {},
+                                                     dist::Communicator& comm = dist::single_process()) {
   QLORA_CHECK(bool(quantizer), "quantize_model_sequential: no layer quantizer");
   QLORA_CHECK(!windows.empty(), "quantize_model_sequential: no calibration windows");
   const auto t0 = std::chrono::steady_clock::now();
   const Device device = model.device();
   QuantizationSummary summary;
-  std::vector<Tensor> inputs;
-  inputs.reserve(windows.size());
   for (const Tensor& w : windows) {
     QLORA_CHECK(w.defined() && w.rank() == 2 && w.dtype() == DType::i32,
                 "calibration windows must be i32 (batch, seq) token tensors, got " +
                     (w.defined() ? w.str() : std::string("(undefined)")));
     summary.calibration_rows += w.numel();
-    inputs.push_back(model.embed(w));
   }
+  // This rank's windows (all of them in a world of one) and their block inputs, in window order.
+  const dist::ShardedRows deal(comm, std::int64_t(windows.size()), 1);
+  std::vector<Tensor> inputs;
+  dist::fail_together(comm, [&] {
+    for (std::size_t k = 0; k < windows.size(); ++k)
+      if (deal.mine(std::int64_t(k))) inputs.push_back(model.embed(windows[k]));
+  });
 
   nn::Context ctx;
   ctx.training = false;
@@ -233,31 +392,51 @@ inline QuantizationSummary quantize_model_sequential(Model& model, const std::ve
     const std::string where = "block " + std::to_string(i + 1) + "/" + std::to_string(n_blocks);
     if (transform) {
       const auto tt = std::chrono::steady_clock::now();
-      transform(block, inputs);
+      const std::vector<Tensor> every_input = detail::all_block_inputs(comm, deal, windows, inputs, model);
+      dist::fail_together(comm, [&] {
+        if (comm.is_root()) transform(block, every_input);
+      });
+      detail::broadcast_dense_block(comm, block, 0);
       if (progress) progress(where + " transform: " + detail::seconds_text(detail::seconds_since(tt)));
     }
     for (const std::vector<detail::Proj>& group : detail::sequential_groups(options.true_sequential)) {
       std::map<std::string, quant::GramAccumulator> grams;
+      std::vector<quant::GramAccumulator*> in_order;
       for (detail::Proj p : group) {
         const nn::Linear& l = block.linear(p);
-        grams.emplace(l.name(), quant::GramAccumulator(l.in_features(), device));
+        in_order.push_back(&grams.emplace(l.name(), quant::GramAccumulator(l.in_features(), device)).first->second);
       }
-      ctx.observe_linear_input = [&](const std::string& layer, const Tensor& x) {
-        const auto it = grams.find(layer);
-        if (it != grams.end()) it->second.add(x);
-      };
-      (void)run_block(block, false);
-      ctx.observe_linear_input = nullptr;
-      for (detail::Proj p : group) {
-        const auto tl = std::chrono::steady_clock::now();
-        const std::string name = block.linear(p).name();
-        detail::quantize_linear(block, p, quantizer, grams.at(name).gram(), device);
+      dist::fail_together(comm, [&] {
+        ctx.observe_linear_input = [&](const std::string& layer, const Tensor& x) {
+          const auto it = grams.find(layer);
+          if (it != grams.end()) it->second.add(x);
+        };
+        (void)run_block(block, false);
+        ctx.observe_linear_input = nullptr;
+      });
+      const std::vector<Tensor> hs = detail::reduced_grams(comm, in_order);
+      // Member j is solved by rank j % size; the table carries each solve's seconds to every rank.
+      dist::ShardedRows solves(comm, std::int64_t(group.size()), 1);
+      std::vector<quant::QuantizedTensor> solved(group.size());
+      dist::fail_together(comm, [&] {
+        for (std::size_t j = 0; j < group.size(); ++j) {
+          if (!solves.mine(std::int64_t(j))) continue;
+          const auto tl = std::chrono::steady_clock::now();
+          solved[j] = detail::solve_linear(block, group[j], quantizer, hs[j]);
+          *solves.row(std::int64_t(j)) = detail::seconds_since(tl);
+        }
+      });
+      solves.exchange();
+      for (std::size_t j = 0; j < group.size(); ++j) {
+        detail::broadcast_quantized(comm, solved[j], solves.owner(std::int64_t(j)));
+        detail::install_quantized(block, group[j], solved[j], device);
         ++summary.layers;
         if (progress)
-          progress(where + " " + detail::short_name(name) + ": " + detail::seconds_text(detail::seconds_since(tl)));
+          progress(where + " " + detail::short_name(block.linear(group[j]).name()) + ": " +
+                   detail::seconds_text(*solves.at(std::int64_t(j))));
       }
     }
-    inputs = run_block(block, true);  // the quantized block's outputs: the next block's inputs
+    dist::fail_together(comm, [&] { inputs = run_block(block, true); });  // the next block's inputs
   }
   summary.seconds = detail::seconds_since(t0);
   return summary;

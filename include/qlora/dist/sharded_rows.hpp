@@ -27,8 +27,9 @@ class ShardedRows {
   }
 
   std::int64_t items() const { return items_; }
-  // Whether this rank computes item i.
-  bool mine(std::int64_t item) const { return item % comm_.size() == comm_.rank(); }
+  // The rank that computes item i, and whether that is this one.
+  int owner(std::int64_t item) const { return int(item % comm_.size()); }
+  bool mine(std::int64_t item) const { return owner(item) == comm_.rank(); }
 
   // The row of one of this rank's items, to fill.
   double* row(std::int64_t item) {
