@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "support/attention_shape.hpp"
 #include "qlora/cpu/attention.hpp"
 #include "qlora/cpu/flash_attention.hpp"
 #include "support/random.hpp"
@@ -27,13 +28,7 @@ using qlora::test::rel_error;
 
 namespace {
 
-struct AttentionShape {
-  const char* name;
-  std::int64_t batch, tq, tk, hq, hkv, d;
-  std::int64_t q_size() const { return batch * tq * hq * d; }
-  std::int64_t kv_size() const { return batch * tk * hkv * d; }
-  std::int64_t lse_size() const { return batch * hq * tq; }
-};
+using qlora::test::AttentionShape;
 
 const AttentionShape kShapes[] = {
     {"multi-head, d 64", 2, 37, 37, 4, 4, 64},

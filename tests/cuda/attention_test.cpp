@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "support/attention_shape.hpp"
 #include "device_buffer.hpp"
 #include "qlora/core/error.hpp"
 #include "qlora/cpu/attention.hpp"
@@ -21,13 +22,7 @@ using qlora::test::to_storage;
 
 namespace {
 
-struct AttentionShape {
-  const char* name;
-  std::int64_t batch, tq, tk, hq, hkv, d;
-  std::int64_t q_size() const { return batch * tq * hq * d; }
-  std::int64_t kv_size() const { return batch * tk * hkv * d; }
-  std::int64_t lse_size() const { return batch * hq * tq; }
-};
+using qlora::test::AttentionShape;
 
 const AttentionShape kShapes[] = {
     {"multi-head", 2, 37, 37, 4, 4, 64},
