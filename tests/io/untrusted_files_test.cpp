@@ -15,6 +15,8 @@
 #include "qlora/io/safetensors.hpp"
 #include "qlora/io/tokenizer_hf_json.hpp"
 #include "qlora/io/tokenizer_llama2c.hpp"
+#include "qlora/io/tokenizer_load.hpp"
+#include "qlora/io/hf_config.hpp"
 
 using qlora::io::GgmlType;
 using qlora::io::GgufFile;
@@ -198,6 +200,14 @@ TEST_CASE("fuzz regressions: every committed crash input is refused with a qlora
       CHECK(!error_of([&] { qlora::io::SafetensorsFile f(entry.path()); }).empty());
     } else if (target == "tokenizer_json") {
       CHECK(!error_of([&] { (void)qlora::io::load_hf_tokenizer_json(entry.path().string()); }).empty());
+    } else if (target == "tokenizer_model") {  // read by content under the name the fuzz target gives it
+      TempDir dir;
+      fs::copy_file(entry.path(), dir / "tokenizer.model");
+      CHECK(!error_of([&] { (void)qlora::io::load_tokenizer(dir / "tokenizer.model"); }).empty());
+    } else if (target == "tokenizer_bin") {
+      CHECK(!error_of([&] { (void)qlora::io::load_llama2c_tokenizer(entry.path()); }).empty());
+    } else if (target == "config_json") {
+      CHECK(!error_of([&] { (void)qlora::io::llama_tensor_specs(qlora::io::read_hf_config(entry.path())); }).empty());
     } else if (target != "dataset") {  // dataset inputs: tests/train/untrusted_files_test.cpp (the train layer)
       FAIL("no reader for the regression input of target " << target);
     }
