@@ -24,11 +24,7 @@ namespace ml = qlora::models::llama;
 namespace {
 
 // 2 FLOP per base weight per token (block linears + LM head).
-double forward_flops_per_token(const ml::Config& c) {
-  const double h = double(c.hidden_size);
-  const double block = h * double(c.q_dim()) * 2 + h * double(c.kv_dim()) * 2 + 3 * h * double(c.intermediate_size);
-  return 2.0 * (double(c.num_hidden_layers) * block + double(c.vocab_size) * h);
-}
+double forward_flops_per_token(const ml::Config& c) { return 2.0 * base_weights_per_token(c); }
 
 // Bytes of weights one decode step reads: everything stored except the embedding table (one row per token),
 // plus the head when it is tied to the embedding.
@@ -38,9 +34,10 @@ double weight_bytes_per_token(const ml::Model& m) {
   return bytes;
 }
 
+// BOS, then ids spread over the vocabulary.
 std::vector<std::int32_t> prompt_ids(std::int64_t n, std::int64_t vocab) {
-  std::vector<std::int32_t> ids(static_cast<std::size_t>(n));
-  for (std::int64_t i = 0; i < n; ++i) ids[std::size_t(i)] = std::int32_t(i == 0 ? 1 : 3 + (i * 7919) % (vocab - 3));
+  std::vector<std::int32_t> ids = spread_token_ids(n, vocab, 0);
+  if (n > 0) ids[0] = 1;
   return ids;
 }
 
@@ -108,18 +105,7 @@ void register_cpu() {
   const std::int64_t prompt = 256, steps = 128;
   const std::string suffix = "/" + name + args({{"prompt", prompt}, {"decode", steps}});
 
-  const ReferencePtr gemm = make_reference("BM_reference_eigen_gemm_f32" + suffix, Work::flops);
-  add(
-      gemm->name,
-      [=](benchmark::State& state) {
-        const std::int64_t M = prompt, N = c.intermediate_size, K = c.hidden_size;
-        const std::vector<float> a = uniform(M * K, 1), b = uniform(K * N, 2);
-        std::vector<float> out = zeros(M * N);
-        const double seconds =
-            time_cpu(state, [&] { eigen_gemm(a.data(), b.data(), out.data(), M, N, K, false, false, 1, 0, 0, 0); });
-        report_reference(state, *gemm, 2.0 * double(M * N * K), seconds);
-      },
-      benchmark::kMicrosecond);
+  const ReferencePtr gemm = add_mlp_gemm_reference_cpu(suffix, c, prompt, false);
   add(
       "BM_llama_prefill_cpu_f32" + suffix,
       [=](benchmark::State& state) {
@@ -152,13 +138,7 @@ void register_cpu() {
 
 // Random weights, one draw per tensor kind reused by every layer (drawing 6.7e9 values would dominate).
 ml::Model& cuda_model() {
-  static std::unique_ptr<ml::Model> model = [] {
-    const ml::Config c = llama2_7b_config();
-    ml::LoadOptions o;
-    o.device = Device::cuda(0);
-    o.quant = quant::QuantConfig::parse("nf4");
-    return std::make_unique<ml::Model>(ml::build_model(c, shared_random_weights(c), o));
-  }();
+  static std::unique_ptr<ml::Model> model = std::make_unique<ml::Model>(random_llama2_7b(nf4_options(Device::cuda(0))));
   return *model;
 }
 
@@ -173,19 +153,7 @@ void register_cuda() {
   const std::int64_t prompt = 512, steps = 128;
   const std::string suffix = "/llama2_7b_shape_nf4" + args({{"batch", 1}, {"prompt", prompt}, {"decode", steps}});
 
-  const ReferencePtr gemm = make_reference("BM_reference_cublas_gemm_bf16" + suffix, Work::flops);
-  add(
-      gemm->name,
-      [=](benchmark::State& state) {
-        const std::int64_t M = prompt, N = c.intermediate_size, K = c.hidden_size;
-        DeviceBuffer<bf16> a(M * K), b(K * N), out(M * N);
-        fill_uniform(a, 1);
-        fill_uniform(b, 2);
-        const double seconds =
-            time_cuda(state, [&] { cublas_gemm(a.get(), b.get(), out.get(), M, N, K, false, true, 1, 0, 0, 0); });
-        report_reference(state, *gemm, 2.0 * double(M * N * K), seconds);
-      },
-      benchmark::kMicrosecond);
+  const ReferencePtr gemm = add_mlp_gemm_reference_cuda(suffix, c, prompt);
   add(
       "BM_llama_prefill_cuda_bf16" + suffix,
       [=](benchmark::State& state) {

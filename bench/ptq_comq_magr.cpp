@@ -8,8 +8,9 @@
 //
 // Counters: "weights/s" (rows * cols per second) and "x_rtn_time", this quantizer's time as a multiple of
 // RTN's on the same shape (BM_reference_rtn_*, registered first). One iteration each: the large CPU cases
-// take minutes. CUDA: MagR's iterations on the device (the prox kernel + cuBLASLt f32 GEMMs); COMQ is
-// CPU-only.
+// take minutes. CUDA: MagR's iterations on the device (the prox kernel + cuBLASLt f32 GEMMs); COMQ's sweeps
+// on the device (cuda/quant/comq.cu), timed like GPTQ's CUDA cases in ptq_layer.cpp: from host W and H,
+// the uploads, RTN's grid on the host and the download of the result included.
 
 #include <chrono>
 #include <cstdlib>
@@ -96,19 +97,19 @@ void register_shape(std::int64_t rows, std::int64_t cols, bool cuda) {
         rtn->rate = weights * double(state.iterations()) / seconds;
       },
       benchmark::kMillisecond);
-  if (!cuda) {
-    add(
-        "BM_comq_cpu_greedy_1sweep" + suffix,
-        [=](benchmark::State& state) {
-          const auto l = layer(rows, cols);
-          const auto cfg = qlora::quant::QuantConfig::parse(kFormat);
-          const double seconds =
-              time_runs(state, [&] { benchmark::DoNotOptimize(qlora::quant::comq_quantize(l->w, l->h, cfg)); });
-          report(state, rtn.get(), weights, seconds);
-        },
-        benchmark::kMillisecond)
-        ->Iterations(1);
-  }
+  add(
+      std::string(cuda ? "BM_comq_cuda" : "BM_comq_cpu") + "_greedy_1sweep" + suffix,
+      [=](benchmark::State& state) {
+        const auto l = layer(rows, cols);
+        const auto cfg = qlora::quant::QuantConfig::parse(kFormat);
+        const qlora::Device device = cuda ? qlora::Device::cuda(0) : qlora::Device::cpu();
+        const double seconds = time_runs(state, [&] {
+          benchmark::DoNotOptimize(qlora::quant::comq_quantize(l->w.to(device), l->h.to(device), cfg));
+        });
+        report(state, rtn.get(), weights, seconds);
+      },
+      benchmark::kMillisecond)
+      ->Iterations(1);
   add(
       std::string(cuda ? "BM_magr_cuda" : "BM_magr_cpu") + "_200it_rtn" + suffix,
       [=](benchmark::State& state) {

@@ -37,10 +37,9 @@ struct Trainee {
   nn::Context ctx;
 };
 
+// The NF4 base with LoRA r = 64 on all seven block linears.
 ml::LoadOptions qlora_options(Device device) {
-  ml::LoadOptions o;
-  o.device = device;
-  o.quant = quant::QuantConfig::parse("nf4");
+  ml::LoadOptions o = nf4_options(device);
   o.adapter = nn::AdapterConfig{nn::AdapterKind::lora, kLoraRank, 16.f};
   o.adapter.init = nn::AdapterInit::kaiming;
   o.targets = ml::all_block_linears();
@@ -59,8 +58,7 @@ std::unique_ptr<Trainee> make_trainee(ml::Model model) {
 
 // Next-token ids and targets (batch, seq) on `device`, spread over the vocabulary (never all one token).
 std::pair<Tensor, Tensor> batch_of(std::int64_t batch, std::int64_t seq, std::int64_t vocab, Device device) {
-  std::vector<std::int32_t> ids(std::size_t(batch * (seq + 1)));
-  for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = std::int32_t(3 + (std::int64_t(i) * 7919 + 17) % (vocab - 3));
+  const std::vector<std::int32_t> ids = spread_token_ids(batch * (seq + 1), vocab, 17);
   std::vector<std::int32_t> in, out;
   for (std::int64_t b = 0; b < batch; ++b)
     for (std::int64_t t = 0; t < seq; ++t) {
@@ -78,11 +76,7 @@ void train_step(Trainee& t, const Tensor& ids, const Tensor& targets) {
 }
 
 // 4 FLOP per base weight per token: forward GEMM + input-gradient GEMM (the base gets no weight gradient).
-double credited_flops_per_token(const ml::Config& c) {
-  const double h = double(c.hidden_size);
-  const double block = h * double(c.q_dim()) * 2 + h * double(c.kv_dim()) * 2 + 3 * h * double(c.intermediate_size);
-  return 4.0 * (double(c.num_hidden_layers) * block + double(c.vocab_size) * h);
-}
+double credited_flops_per_token(const ml::Config& c) { return 4.0 * base_weights_per_token(c); }
 
 void report_step(benchmark::State& state, std::int64_t tokens, std::size_t peak, std::size_t peak_reserved) {
   state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
@@ -112,18 +106,7 @@ void register_cpu() {
   for (std::int64_t batch = 1; batch <= kMaxBatch; ++batch) {
     const std::int64_t tokens = batch * seq;
     const std::string suffix = "/tiny_h128_l2_nf4_r64" + args({{"batch", batch}, {"seq", seq}});
-    const ReferencePtr gemm = make_reference("BM_reference_eigen_gemm_f32" + suffix, Work::flops);
-    add(
-        gemm->name,
-        [=](benchmark::State& state) {
-          const std::int64_t M = tokens, N = c.intermediate_size, K = c.hidden_size;
-          const std::vector<float> a = uniform(M * K, 1), b = uniform(N * K, 2);
-          std::vector<float> out = zeros(M * N);
-          const double seconds =
-              time_cpu(state, [&] { eigen_gemm(a.data(), b.data(), out.data(), M, N, K, false, true, 1, 0, 0, 0); });
-          report_reference(state, *gemm, 2.0 * double(M * N * K), seconds);
-        },
-        benchmark::kMicrosecond);
+    const ReferencePtr gemm = add_mlp_gemm_reference_cpu(suffix, c, tokens, true);
     add(
         "BM_train_step_cpu_f32" + suffix,
         [=](benchmark::State& state) {
@@ -145,10 +128,7 @@ void register_cpu() {
 #if defined(QLORA_WITH_CUDA)
 
 Trainee& cuda_trainee() {
-  static std::unique_ptr<Trainee> t = [] {
-    const ml::Config c = llama2_7b_config();
-    return make_trainee(ml::build_model(c, shared_random_weights(c), qlora_options(Device::cuda(0))));
-  }();
+  static std::unique_ptr<Trainee> t = make_trainee(random_llama2_7b(qlora_options(Device::cuda(0))));
   return *t;
 }
 
@@ -159,19 +139,7 @@ void register_cuda() {
   for (std::int64_t batch = 1; batch <= kMaxBatch; ++batch) {
     const std::int64_t tokens = batch * seq;
     const std::string suffix = "/llama2_7b_shape_nf4_r64" + args({{"batch", batch}, {"seq", seq}});
-    const ReferencePtr gemm = make_reference("BM_reference_cublas_gemm_bf16" + suffix, Work::flops);
-    add(
-        gemm->name,
-        [=](benchmark::State& state) {
-          const std::int64_t M = tokens, N = c.intermediate_size, K = c.hidden_size;
-          DeviceBuffer<bf16> a(M * K), b(N * K), out(M * N);
-          fill_uniform(a, 1);
-          fill_uniform(b, 2);
-          const double seconds =
-              time_cuda(state, [&] { cublas_gemm(a.get(), b.get(), out.get(), M, N, K, false, true, 1, 0, 0, 0); });
-          report_reference(state, *gemm, 2.0 * double(M * N * K), seconds);
-        },
-        benchmark::kMicrosecond);
+    const ReferencePtr gemm = add_mlp_gemm_reference_cuda(suffix, c, tokens);
     add(
         "BM_train_step_cuda_bf16" + suffix,
         [=](benchmark::State& state) {

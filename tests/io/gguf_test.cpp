@@ -11,6 +11,7 @@
 #include "qlora/io/gguf.hpp"
 #include "qlora/io/model_files.hpp"
 #include "support/random.hpp"
+#include "support/shared_data.hpp"
 
 using qlora::DType;
 using qlora::Shape;
@@ -28,7 +29,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kVocabGguf = fs::path(QLORA_SHARED_DATA) / "tokenizers/llamacpp-vocab-tests/ggml-vocab-llama-spm.gguf";
+const fs::path kVocabGguf = qlora::test::kSharedData / "tokenizers/llamacpp-vocab-tests/ggml-vocab-llama-spm.gguf";
 
 // A small file: scalars of every type, an array of strings, a nested array, alignment 64, and two tensors:
 // t.f32 (ne {3, 2}: row-major [2, 3]) and t.q8 (one Q8_0 block, ne {32}).
@@ -120,10 +121,7 @@ TEST_CASE("gguf: a hand-made file: every metadata type, nested arrays, alignment
 }
 
 TEST_CASE("gguf: the llama.cpp SentencePiece vocabulary file (vocab-only, GGUF v3)") {
-  if (!fs::exists(kVocabGguf)) {
-    MESSAGE("skipped: " << kVocabGguf << " is absent");
-    return;
-  }
+  if (!qlora::test::shared_file_present(kVocabGguf)) return;
   const GgufFile f(kVocabGguf);
   // Expected values from a separate Python parse of the file with the struct module (see docs/model-files.md).
   CHECK(f.version() == 3);

@@ -11,6 +11,7 @@
 #include "qlora/io/llama2c.hpp"
 #include "qlora/io/model_files.hpp"
 #include "support/random.hpp"
+#include "support/shared_data.hpp"
 
 using qlora::DType;
 using qlora::Shape;
@@ -20,11 +21,10 @@ using qlora::test::TempDir;
 using qlora::test::append_value;
 using qlora::test::check_names;
 using qlora::test::error_of;
+using qlora::test::kStories260K;
 namespace fs = std::filesystem;
 
 namespace {
-
-const fs::path kStories = fs::path(QLORA_SHARED_DATA) / "models/stories260K/stories260K.bin";
 
 // A small llama2.c file made by hand: header, then every array filled with the float index of its value
 // in the file (0, 1, 2, ...), so each tensor's expected content is known from the layout alone.
@@ -48,11 +48,8 @@ struct TinyLlama2c {
 }  // namespace
 
 TEST_CASE("llama2c: stories260K.bin header, config, parameter count and values at known offsets") {
-  if (!fs::exists(kStories)) {
-    MESSAGE("skipped: " << kStories << " is absent");
-    return;
-  }
-  const Llama2cCheckpoint ck(kStories);
+  if (!qlora::test::shared_file_present(kStories260K)) return;
+  const Llama2cCheckpoint ck(kStories260K);
   const auto& h = ck.header();
   // Header (64, 172, 5, 8, 4, 512, 512): shared/data/MANIFEST.md.
   CHECK(h.dim == 64);
@@ -106,7 +103,7 @@ TEST_CASE("llama2c: stories260K.bin header, config, parameter count and values a
   CHECK(worst < 1e-4);  // float32 tables computed by PyTorch; angles up to 511 rad
   CHECK(re.data<float>()[4 + 1] == 0.9950041770935059f);
 
-  const auto any = qlora::io::open_model_files(kStories);
+  const auto any = qlora::io::open_model_files(kStories260K);
   CHECK(any->config() == c);
   CHECK(any->load("model.layers.1.self_attn.q_proj.weight").to_vector<float>() == wq1.to_vector<float>());
 }
@@ -195,8 +192,8 @@ TEST_CASE("llama2c: truncated, padded or corrupt files are refused naming the fi
   qlora::test::write_raw(p, corrupt);
   check_names(error_of([&] { Llama2cCheckpoint ck(p); }), {"bad.bin", "n_heads is 0"});
   check_names(error_of([&] { Llama2cCheckpoint ck(dir / "absent.bin"); }), {"cannot open", "absent.bin"});
-  if (fs::exists(kStories)) {  // the real checkpoint cut short
-    const std::string real = qlora::test::read_raw(kStories);
+  if (fs::exists(kStories260K)) {  // the real checkpoint cut short
+    const std::string real = qlora::test::read_raw(kStories260K);
     qlora::test::write_raw(p, real.substr(0, real.size() / 2));
     check_names(error_of([&] { Llama2cCheckpoint ck(p); }), {"bad.bin", "implies 1056540 bytes"});
   }

@@ -18,15 +18,13 @@
 #include <vector>
 
 #include "qlora/io/tokenizer.hpp"
+#include "support/shared_data.hpp"
 
 namespace qlora::test {
 
 // ../shared/data when it is present; tests MESSAGE and return when not.
 inline std::optional<std::filesystem::path> shared_data() {
-#ifdef QLORA_SHARED_DATA
-  const std::filesystem::path dir(QLORA_SHARED_DATA);
-  if (std::filesystem::is_directory(dir / "tokenizers")) return dir;
-#endif
+  if (!kSharedData.empty() && std::filesystem::is_directory(kSharedData / "tokenizers")) return kSharedData;
   return std::nullopt;
 }
 

@@ -20,6 +20,7 @@
 #include "qlora/io/tokenizer_load.hpp"
 #include "qlora/ops/random.hpp"
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 #include "support/tiny_llama.hpp"
 
 using namespace qlora;
@@ -228,16 +229,9 @@ TEST_CASE("adapter init: default leaves the model alone, refusals name the probl
 }
 
 TEST_CASE("adapter init: stories260K at int3 / int2: LoftQ and CLoQ lower the TinyStories loss of the default init") {
-  namespace fs = std::filesystem;
-  const fs::path data = QLORA_SHARED_DATA;
-  const fs::path dir = data / "models" / "stories260K";
-  const fs::path text_file = data / "text" / "tinystories" / "TinyStories-valid-subset.txt";
-  if (!fs::exists(dir / "stories260K.bin") || !fs::exists(dir / "tok512.bin") || !fs::exists(text_file)) {
-    MESSAGE("skipping: " << dir.string() << " or the TinyStories sample is absent (../shared/data not beside the checkout)");
-    return;
-  }
-  const auto tok = io::load_tokenizer(dir / "tok512.bin");
-  std::ifstream in(text_file, std::ios::binary);
+  if (!test::shared_files_present({test::kStories260K, test::kStories260KTokenizer, test::kTinyStoriesValid})) return;
+  const auto tok = io::load_tokenizer(test::kStories260KTokenizer);
+  std::ifstream in(test::kTinyStoriesValid, std::ios::binary);
   const std::vector<std::int32_t> ids = tok->encode(std::string(std::istreambuf_iterator<char>(in), {}), true);
   REQUIRE(ids.size() > 4200);
   // Evaluation: tokens [0, 1024] in windows of 128; calibration: 8 windows of 128 from token 2048 on.
@@ -255,7 +249,7 @@ TEST_CASE("adapter init: stories260K at int3 / int2: LoftQ and CLoQ lower the Ti
     }
     return sum / double(count);
   };
-  const std::unique_ptr<io::ModelFiles> files = io::open_model_files(dir / "stories260K.bin");
+  const std::unique_ptr<io::ModelFiles> files = io::open_model_files(test::kStories260K);
   const TensorSource fp_weights = [&](const std::string& name) { return files->load(name, DType::f32); };
   Model fp = build_model(*files, LoadOptions{});
   std::vector<std::int32_t> calibration;

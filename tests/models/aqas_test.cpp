@@ -18,6 +18,7 @@
 #include "qlora/ops/random.hpp"
 #include "support/files.hpp"
 #include "support/random.hpp"
+#include "support/shared_data.hpp"
 #include "support/tiny_llama.hpp"
 
 using namespace qlora;
@@ -186,9 +187,6 @@ TEST_CASE("aqas block: apply_aqas folds all groups, keeps the function, and lowe
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kStories = kData / "models" / "stories260K";
-
 // Per-channel mean |x| and H = X^T X / N of block 0's o_proj and down_proj inputs over windows of `len`
 // tokens taken back to back from `ids`, `count` windows (the same total tokens at every length).
 struct Statistics {
@@ -231,10 +229,10 @@ TEST_CASE("SLAC: calibration statistics (mean |x|, H) depend on the calibration 
   // is a second, disjoint set of 64 windows of 16.
   std::unique_ptr<Model> model;
   std::vector<std::int32_t> ids;
-  if (fs::exists(kStories / "stories260K.bin") && fs::exists(kStories / "tok512.bin")) {
-    model = std::make_unique<Model>(load_model(kStories / "stories260K.bin"));
-    const auto tok = io::load_tokenizer(kStories / "tok512.bin");
-    std::ifstream in(kData / "text" / "tinystories" / "TinyStories-valid-subset.txt", std::ios::binary);
+  if (fs::exists(test::kStories260K) && fs::exists(test::kStories260KTokenizer)) {
+    model = std::make_unique<Model>(load_model(test::kStories260K));
+    const auto tok = io::load_tokenizer(test::kStories260KTokenizer);
+    std::ifstream in(test::kTinyStoriesValid, std::ios::binary);
     ids = tok->encode(std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()), true);
   } else {
     MESSAGE("stories260K absent: SLAC statistics on the tiny random Llama");

@@ -16,6 +16,7 @@
 #include "models/llama/load.hpp"
 #include "qlora/io/tokenizer_load.hpp"
 #include "support/random.hpp"
+#include "support/shared_data.hpp"
 
 using namespace qlora;
 using namespace qlora::models::llama;
@@ -23,14 +24,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kDir = kData / "models" / "stories260K";
+using test::kStories260K;
+using test::kStories260KDir;
+using test::kStories260KTokenizer;
 
-bool have_data() {
-  if (fs::exists(kDir / "stories260K.bin") && fs::exists(kDir / "tok512.bin")) return true;
-  MESSAGE("skipping: " << kDir.string() << " is absent (../shared/data not checked out beside the repository)");
-  return false;
-}
+bool have_data() { return test::shared_files_present({kStories260K, kStories260KTokenizer}); }
 
 std::string read_text(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -47,7 +45,7 @@ std::vector<std::int32_t> read_ids(const fs::path& p) {
 
 // Mean next-token loss over the first `tokens` + 1 tokens of the TinyStories sample, in windows of `window`.
 double tinystories_loss(Model& m, const io::Tokenizer& tok, std::int64_t tokens, std::int64_t window) {
-  const std::string text = read_text(kData / "text" / "tinystories" / "TinyStories-valid-subset.txt");
+  const std::string text = read_text(test::kTinyStoriesValid);
   std::vector<std::int32_t> ids = tok.encode(text, true);
   REQUIRE(std::int64_t(ids.size()) > tokens);
   ids.resize(std::size_t(tokens + 1));
@@ -68,14 +66,14 @@ double tinystories_loss(Model& m, const io::Tokenizer& tok, std::int64_t tokens,
 
 TEST_CASE("stories260K: greedy decoding from BOS for 200 steps reproduces llama2.c's tokens and text") {
   if (!have_data()) return;
-  Model m = load_model(kDir / "stories260K.bin");
-  const auto tok = io::load_tokenizer(kDir / "tok512.bin");
+  Model m = load_model(kStories260K);
+  const auto tok = io::load_tokenizer(kStories260KTokenizer);
   CHECK(m.config().hidden_size == 64);
   CHECK(m.config().num_key_value_heads == 4);
   CHECK(m.tied_head());
   // greedy200.ids.txt: BOS then 200 greedy ids, from an independent float64 NumPy reimplementation of
   // llama2.c, equal to llama2.c run.c's output (shared/data MANIFEST.md).
-  const std::vector<std::int32_t> expected = read_ids(kDir / "greedy200.ids.txt");
+  const std::vector<std::int32_t> expected = read_ids(kStories260KDir / "greedy200.ids.txt");
   REQUIRE(expected.size() == 201);
   GenerateOptions g;
   g.max_new_tokens = 200;
@@ -85,13 +83,13 @@ TEST_CASE("stories260K: greedy decoding from BOS for 200 steps reproduces llama2
   got.insert(got.end(), r.tokens.begin(), r.tokens.end());
   CHECK(got == expected);
   // greedy200.txt: the same run decoded with tok512.bin (llama2.c drops the space after BOS).
-  CHECK(tok->decode(r.tokens) == read_text(kDir / "greedy200.txt"));
+  CHECK(tok->decode(r.tokens) == read_text(kStories260KDir / "greedy200.txt"));
 }
 
 TEST_CASE("stories260K: KV-cache logits equal the full forward's at every position") {
   if (!have_data()) return;
-  Model m = load_model(kDir / "stories260K.bin");
-  std::vector<std::int32_t> ids = read_ids(kDir / "greedy200.ids.txt");
+  Model m = load_model(kStories260K);
+  std::vector<std::int32_t> ids = read_ids(kStories260KDir / "greedy200.ids.txt");
   ids.resize(48);
   const std::int64_t n = 48, V = 512;
   const std::vector<float> full = m.logits(Tensor::from(ids, {1, n})).to_vector<float>();
@@ -112,8 +110,8 @@ TEST_CASE("stories260K: KV-cache logits equal the full forward's at every positi
 
 TEST_CASE("stories260K: mean loss on TinyStories is far below chance, NF4 slightly above f32") {
   if (!have_data()) return;
-  const auto tok = io::load_tokenizer(kDir / "tok512.bin");
-  Model f32_model = load_model(kDir / "stories260K.bin");
+  const auto tok = io::load_tokenizer(kStories260KTokenizer);
+  Model f32_model = load_model(kStories260K);
   const double loss = tinystories_loss(f32_model, *tok, 2000, 512);
   MESSAGE("stories260K mean loss over 2000 TinyStories tokens: f32 " << loss);
   CHECK(std::isfinite(loss));
@@ -121,7 +119,7 @@ TEST_CASE("stories260K: mean loss on TinyStories is far below chance, NF4 slight
 
   LoadOptions o;
   o.quant = quant::QuantConfig::parse("nf4");
-  Model nf4_model = load_model(kDir / "stories260K.bin", o);
+  Model nf4_model = load_model(kStories260K, o);
   const double nf4_loss = tinystories_loss(nf4_model, *tok, 2000, 512);
   MESSAGE("stories260K mean loss over 2000 TinyStories tokens: nf4 " << nf4_loss);
   CHECK(nf4_loss > loss);                // quantization error costs something...

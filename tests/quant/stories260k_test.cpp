@@ -10,6 +10,7 @@
 
 #include "qlora/quant/quant.hpp"
 #include "support/random.hpp"
+#include "support/shared_data.hpp"
 
 using qlora::Tensor;
 using qlora::quant::QuantConfig;
@@ -19,10 +20,9 @@ namespace {
 // The five layers' w2 [dim=64, hidden=172] stacked as [320, 172], read straight from the file: a 7 x int32
 // header (64, 172, 5, 8, 4, 512, 512), then token embeddings [512, 64], rms_att [5, 64], wq [5, 64, 64],
 // wk and wv [5, 32, 64], wo [5, 64, 64], rms_ffn [5, 64], w1 [5, 172, 64], w2 [5, 64, 172], ... (f32).
-bool read_w2(std::vector<float>& w2) {
-  const std::string path = std::string(QLORA_SHARED_DATA) + "/models/stories260K/stories260K.bin";
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return false;
+std::vector<float> read_w2() {
+  std::ifstream in(qlora::test::kStories260K, std::ios::binary);
+  REQUIRE(in.good());
   std::int32_t header[7];
   in.read(reinterpret_cast<char*>(header), sizeof header);
   REQUIRE(in.good());
@@ -31,20 +31,17 @@ bool read_w2(std::vector<float>& w2) {
   REQUIRE(header[2] == 5);
   const std::int64_t offset = 512 * 64 + 5 * 64 + 5 * 64 * 64 + 2 * 5 * 32 * 64 + 5 * 64 * 64 + 5 * 64 + 5 * 172 * 64;
   in.seekg(std::streamoff(sizeof header + offset * sizeof(float)));
-  w2.resize(5 * 64 * 172);
+  std::vector<float> w2(5 * 64 * 172);
   in.read(reinterpret_cast<char*>(w2.data()), std::streamsize(w2.size() * sizeof(float)));
   REQUIRE(in.good());
-  return true;
+  return w2;
 }
 
 }  // namespace
 
 TEST_CASE("quant stories260K: every format quantizes the real 172-wide w2 with the expected accuracy order") {
-  std::vector<float> w2;
-  if (!read_w2(w2)) {
-    MESSAGE("skipped: ../shared/data/models/stories260K/stories260K.bin is absent");
-    return;
-  }
+  if (!qlora::test::shared_file_present(qlora::test::kStories260K)) return;
+  const std::vector<float> w2 = read_w2();
   const Tensor w = Tensor::from(w2, {320, 172});
   auto error_of = [&](const char* name) {
     const auto q = qlora::quant::quantize(w, QuantConfig::parse(name));

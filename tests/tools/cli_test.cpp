@@ -16,29 +16,23 @@
 #include <nlohmann/json.hpp>
 
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kModel = kData / "models/stories260K/stories260K.bin";
-const fs::path kTokenizer = kData / "models/stories260K/tok512.bin";
-
 using Result = qlora::test::ToolResult;
+using qlora::test::kStories260K;
+using qlora::test::kStories260KTokenizer;
+using qlora::test::kTinyStoriesValid;
 using qlora::test::run_qlora;
-
-
-bool have_data() {
-  if (fs::exists(kModel)) return true;
-  MESSAGE("skipped: " << kModel << " is absent (../shared/data not beside the checkout)");
-  return false;
-}
+using qlora::test::shared_file_present;
 
 std::string train_args(const fs::path& out, int steps, const std::string& extra = "") {
-  return kModel.string() + " --tokenizer " + kTokenizer.string() + " --data " +
-         (kData / "text/tinystories/TinyStories-valid-subset.txt").string() +
+  return kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string() + " --data " +
+         kTinyStoriesValid.string() +
          " --format text --seq-len 64 --adapter qblora --rank 4 --alpha 8 --quant int4-g32 --lr 3e-3 --batch 4"
          " --micro-batch 2 --dropout 0.1 --steps " + std::to_string(steps) + " --out " + out.string() + " " + extra;
 }
@@ -46,7 +40,7 @@ std::string train_args(const fs::path& out, int steps, const std::string& extra 
 }  // namespace
 
 TEST_CASE("cli: train writes adapter, checkpoints, metrics, loss curve and summary; the loss goes down") {
-  if (!have_data()) return;
+  if (!shared_file_present(kStories260K)) return;
   const fs::path out = qlora::test::fresh_output_path("train");
   const Result r = run_qlora("train " + train_args(out, 8, "--save-every 4 --eval-count 4"));
   INFO(r.err);
@@ -72,7 +66,7 @@ TEST_CASE("cli: train writes adapter, checkpoints, metrics, loss curve and summa
 }
 
 TEST_CASE("cli: a resumed run ends with the same adapter as an uninterrupted one") {
-  if (!have_data()) return;
+  if (!shared_file_present(kStories260K)) return;
   const fs::path straight = qlora::test::fresh_output_path("straight"), resumed = qlora::test::fresh_output_path("resumed");
   REQUIRE(run_qlora("train " + train_args(straight, 6)).status == 0);
   REQUIRE(run_qlora("train " + train_args(resumed, 3)).status == 0);
@@ -88,10 +82,9 @@ TEST_CASE("cli: a resumed run ends with the same adapter as an uninterrupted one
 }
 
 TEST_CASE("cli: eval reports perplexity for the base, quantized and adapted model") {
-  if (!have_data()) return;
-  const fs::path text = kData / "text/tinystories/TinyStories-valid-subset.txt";
-  const std::string base = kModel.string() + " --tokenizer " + kTokenizer.string() + " --ppl " + text.string() +
-                           " --seq-len 256 --json";
+  if (!shared_file_present(kStories260K)) return;
+  const std::string base = kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string() + " --ppl " +
+                           kTinyStoriesValid.string() + " --seq-len 256 --json";
   const Result f32 = run_qlora("eval " + base);
   INFO(f32.err);
   REQUIRE(f32.status == 0);
@@ -112,7 +105,7 @@ TEST_CASE("cli: eval reports perplexity for the base, quantized and adapted mode
 }
 
 TEST_CASE("cli: bad input gives one clear line, a non-zero exit and no output directory") {
-  if (!have_data()) return;
+  if (!shared_file_present(kStories260K)) return;
   const fs::path dir = qlora::test::fresh_output_path("bad");
   fs::create_directories(dir);
   const fs::path out = dir / "out";
@@ -123,7 +116,7 @@ TEST_CASE("cli: bad input gives one clear line, a non-zero exit and no output di
     CHECK_MESSAGE(r.err.find(message) != std::string::npos, r.err);
     CHECK(!fs::exists(out));
   };
-  const std::string model = kModel.string() + " --tokenizer " + kTokenizer.string();
+  const std::string model = kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string();
   expect_failure("train /nonexistent/model.bin --data x --out " + out.string(), "cannot open model");
   expect_failure("train " + model + " --data /nonexistent/data.json --out " + out.string(), "cannot open data");
 
@@ -133,12 +126,12 @@ TEST_CASE("cli: bad input gives one clear line, a non-zero exit and no output di
   std::ofstream(dir / "empty.jsonl") << "\n";
   expect_failure("train " + model + " --format jsonl --data " + (dir / "empty.jsonl").string() + " --out " + out.string(),
                  "has no records");
-  expect_failure("train " + model + " --format text --seq-len 4096 --data " +
-                     (kData / "text/tinystories/TinyStories-valid-subset.txt").string() + " --out " + out.string(),
+  expect_failure("train " + model + " --format text --seq-len 4096 --data " + kTinyStoriesValid.string() + " --out " +
+                     out.string(),
                  "longer than the model's context of 512");
   expect_failure("train " + model + " --data x --out " + out.string() + " --no-such-flag", "--no-such-flag");
-  expect_failure("train " + model + " --quant int5-g64 --format text --data " +
-                     (kData / "text/tinystories/TinyStories-valid-subset.txt").string() + " --out " + out.string(),
+  expect_failure("train " + model + " --quant int5-g64 --format text --data " + kTinyStoriesValid.string() + " --out " +
+                     out.string(),
                  "unknown quantization format");
   expect_failure("eval " + model + " --ppl /nonexistent.txt", "cannot open /nonexistent.txt");
 }

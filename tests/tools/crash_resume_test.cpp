@@ -25,20 +25,20 @@
 #include "qlora/io/safetensors.hpp"
 #include "qlora/train/checkpoint.hpp"
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kModel = kData / "models/stories260K/stories260K.bin";
+using qlora::test::kStories260K;
 constexpr int kSteps = 6;
 
 std::vector<std::string> train_argv(const fs::path& out, bool resume) {
-  std::vector<std::string> a = {QLORA_TOOL, "train", kModel.string(), "--tokenizer",
-                                (kData / "models/stories260K/tok512.bin").string(), "--data",
-                                (kData / "text/tinystories/TinyStories-valid-subset.txt").string(),
+  std::vector<std::string> a = {QLORA_TOOL, "train", kStories260K.string(), "--tokenizer",
+                                qlora::test::kStories260KTokenizer.string(), "--data",
+                                qlora::test::kTinyStoriesValid.string(),
                                 "--format", "text", "--seq-len", "64", "--adapter", "qblora", "--rank", "4",
                                 "--alpha", "8", "--quant", "int4-g32", "--lr", "3e-3", "--batch", "4",
                                 "--micro-batch", "2", "--dropout", "0.1", "--save-every", "1", "--steps",
@@ -120,10 +120,7 @@ std::int64_t check_checkpoints(const fs::path& out) {
 }  // namespace
 
 TEST_CASE("crash resume: SIGKILL at random points and inside checkpoint writes, then --resume, gives the uninterrupted adapter") {
-  if (!fs::exists(kModel)) {
-    MESSAGE("skipped: " << kModel << " is absent (../shared/data not beside the checkout)");
-    return;
-  }
+  if (!qlora::test::shared_file_present(kStories260K)) return;
   const fs::path straight = qlora::test::fresh_output_path("crash-straight");
   const fs::path log = qlora::test::fresh_output_path("crash-log.txt");
   const auto t0 = std::chrono::steady_clock::now();

@@ -29,6 +29,7 @@
 #include "qlora/train/export.hpp"
 #include "qlora/train/export_gptq.hpp"
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 
 namespace fs = std::filesystem;
 namespace ml = qlora::models::llama;
@@ -36,29 +37,57 @@ using namespace qlora;
 
 namespace {
 
-// AutoGPTQ's dequantization of one linear, written from qlinear_cuda_old.py's forward (bits 2, 4, 8):
-// weight [in, out] = scales[g_idx[i], o] * (unpacked qweight - (unpacked qzeros + zero_offset)). Returned as
-// W [out, in] (ours is row-major out x in).
+// AutoGPTQ's unpacking of `count` codes from the words words[0], words[stride], ..., written from
+// qlinear_cuda_old.py's forward (torch path). 2, 4, 8 bits: word >> wf with wf = 0, b, 2b, ..., masked.
+// 3 bits, per three words: shifts by the rows of wf below (arithmetic shifts of int32), the two codes that
+// straddle words patched from the next word's low bits, masked with 7, then concatenated as
+// [row 0 entries 0..10, row 1 entries 1..11, row 2 entries 1..10].
+std::vector<std::uint32_t> autogptq_unpack(const std::int32_t* words, std::int64_t stride, std::int64_t count, int bits) {
+  std::vector<std::uint32_t> codes;
+  if (bits != 3) {
+    const std::int64_t per_word = 32 / bits;
+    for (std::int64_t i = 0; i < count; ++i)
+      codes.push_back((std::uint32_t(words[(i / per_word) * stride]) >> (bits * (i % per_word))) & ((1u << bits) - 1u));
+    return codes;
+  }
+  static constexpr int wf[3][12] = {{0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 0},
+                                    {0, 1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31},
+                                    {0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 0}};
+  for (std::int64_t t = 0; t < count / 32; ++t) {
+    std::int32_t a[3][12];
+    for (int r = 0; r < 3; ++r)
+      for (int k = 0; k < 12; ++k) a[r][k] = words[(3 * t + r) * stride] >> wf[r][k];
+    a[0][10] = (a[0][10] & 0x3) | ((a[1][0] << 2) & 0x4);
+    a[1][11] = (a[1][11] & 0x1) | ((a[2][0] << 1) & 0x6);
+    for (int k = 0; k <= 10; ++k) codes.push_back(std::uint32_t(a[0][k] & 0x7));
+    for (int k = 1; k <= 11; ++k) codes.push_back(std::uint32_t(a[1][k] & 0x7));
+    for (int k = 1; k <= 10; ++k) codes.push_back(std::uint32_t(a[2][k] & 0x7));
+  }
+  return codes;
+}
+
+// AutoGPTQ's dequantization of one linear (the forward's torch path): weight [in, out] =
+// scales[g_idx[i], o] * (unpacked qweight - (unpacked qzeros + zero_offset)). Returned as W [out, in] (ours
+// is row-major out x in).
 std::vector<float> autogptq_dequantize(const Tensor& qweight, const Tensor& qzeros, const Tensor& scales, const Tensor& g_idx,
                                        int bits, int zero_offset) {
-  const std::int64_t per_word = 32 / bits, in = qweight.dim(0) * per_word, out = qweight.dim(1);
+  const std::int64_t in = qweight.dim(0) * 32 / bits, out = qweight.dim(1), groups = qzeros.dim(0);
   REQUIRE(qweight.dtype() == DType::i32);
   REQUIRE(qzeros.dtype() == DType::i32);
   REQUIRE(scales.dtype() == DType::f16);
   REQUIRE(g_idx.dtype() == DType::i32);
   REQUIRE(g_idx.numel() == in);
-  REQUIRE(qzeros.dim(1) * per_word == out);
+  REQUIRE(qzeros.dim(1) * 32 / bits == out);
   REQUIRE(scales.dim(1) == out);
-  const std::uint32_t mask = (1u << bits) - 1u;
+  std::vector<std::vector<std::uint32_t>> zeros;  // per group, along the output dimension
+  for (std::int64_t g = 0; g < groups; ++g) zeros.push_back(autogptq_unpack(qzeros.data<std::int32_t>() + g * qzeros.dim(1), 1, out, bits));
   std::vector<float> w(std::size_t(out * in));
-  for (std::int64_t i = 0; i < in; ++i) {
-    const std::int64_t g = g_idx.data<std::int32_t>()[i];
-    for (std::int64_t o = 0; o < out; ++o) {
-      const auto word = std::uint32_t(qweight.data<std::int32_t>()[(i / per_word) * out + o]);
-      const auto zword = std::uint32_t(qzeros.data<std::int32_t>()[g * (out / per_word) + o / per_word]);
-      const float code = float((word >> (bits * (i % per_word))) & mask);
-      const float zero = float(((zword >> (bits * (o % per_word))) & mask) + std::uint32_t(zero_offset));
-      w[std::size_t(o * in + i)] = to_float(scales.data<f16>()[g * out + o]) * (code - zero);
+  for (std::int64_t o = 0; o < out; ++o) {
+    const std::vector<std::uint32_t> codes = autogptq_unpack(qweight.data<std::int32_t>() + o, out, in, bits);
+    for (std::int64_t i = 0; i < in; ++i) {
+      const std::int64_t g = g_idx.data<std::int32_t>()[i];
+      const float zero = float(zeros[std::size_t(g)][std::size_t(o)] + std::uint32_t(zero_offset));
+      w[std::size_t(o * in + i)] = to_float(scales.data<f16>()[g * out + o]) * (float(codes[std::size_t(i)]) - zero);
     }
   }
   return w;
@@ -125,23 +154,18 @@ void check_gptq_directory(const fs::path& out, ml::Model& model, int bits, int z
 using Result = qlora::test::ToolResult;
 Result run_tool(const std::string& args) { return qlora::test::run_qlora(args); }
 
-#if defined(QLORA_SHARED_DATA)
-const fs::path kData = QLORA_SHARED_DATA;
-#else
-const fs::path kData;
-#endif
-const fs::path kStories = kData / "models/stories260K/stories260K.bin";
-const fs::path kStoriesTokenizer = kData / "models/stories260K/tok512.bin";
+const fs::path kStories = qlora::test::kStories260K;
+const fs::path kStoriesTokenizer = qlora::test::kStories260KTokenizer;
 
 }  // namespace
 
 TEST_CASE("gptq packing: AutoGPTQ's dequantization of qweight/qzeros/scales/g_idx gives our weights exactly") {
-  // 48 outputs x 128 inputs: whole words at 2, 4 and 8 bits along both dimensions.
+  // 64 outputs x 128 inputs: whole words at 2, 3, 4 and 8 bits along both dimensions.
   const std::vector<float> values = [] {
-    const Tensor t = ops::randn(Shape{48, 128}, 3, Device::cpu(), 0.f, 0.02f);
+    const Tensor t = ops::randn(Shape{64, 128}, 3, Device::cpu(), 0.f, 0.02f);
     return std::vector<float>(t.data<float>(), t.data<float>() + t.numel());
   }();
-  const Tensor w = Tensor::from(values, Shape{48, 128});
+  const Tensor w = Tensor::from(values, Shape{64, 128});
   struct Case {
     const char* format;
     train::GptqCheckpointFormat checkpoint;
@@ -149,15 +173,17 @@ TEST_CASE("gptq packing: AutoGPTQ's dequantization of qweight/qzeros/scales/g_id
   // v1 with asymmetric and symmetric grids; v2 where 2-bit asymmetric grids have zero points of 0.
   for (const Case c : {Case{"int4-g32", train::GptqCheckpointFormat::gptq}, Case{"int4-g64-sym", train::GptqCheckpointFormat::gptq},
                        Case{"int8-g0", train::GptqCheckpointFormat::gptq}, Case{"int2-g16-sym", train::GptqCheckpointFormat::gptq},
-                       Case{"int2-g32", train::GptqCheckpointFormat::gptq_v2}, Case{"int4-g128-fz", train::GptqCheckpointFormat::gptq_v2}}) {
+                       Case{"int2-g32", train::GptqCheckpointFormat::gptq_v2}, Case{"int4-g128-fz", train::GptqCheckpointFormat::gptq_v2},
+                       Case{"int3-g32", train::GptqCheckpointFormat::gptq}, Case{"int3-g64-sym", train::GptqCheckpointFormat::gptq},
+                       Case{"int3-g0", train::GptqCheckpointFormat::gptq_v2}}) {
     INFO(c.format);
     const quant::QuantizedTensor q = quant::quantize(w, quant::QuantConfig::parse(c.format));
     const train::GptqLinear g = train::pack_gptq_linear(q, c.checkpoint, "layer");
     const int bits = q.config.bits;
     const std::int64_t groups = q.groups_per_row();
-    CHECK(g.qweight.shape() == Shape{128 * bits / 32, 48});
-    CHECK(g.qzeros.shape() == Shape{groups, 48 * bits / 32});
-    CHECK(g.scales.shape() == Shape{groups, 48});
+    CHECK(g.qweight.shape() == Shape{128 * bits / 32, 64});
+    CHECK(g.qzeros.shape() == Shape{groups, 64 * bits / 32});
+    CHECK(g.scales.shape() == Shape{groups, 64});
     CHECK(g.g_idx.shape() == Shape{128});
     CHECK(g.g_idx.data<std::int32_t>()[127] == std::int32_t(127 / q.group_size()));
     const std::vector<float> got =
@@ -179,7 +205,8 @@ TEST_CASE("gptq packing: formats and grids without a GPTQ form are refused, nami
   };
   CHECK(refusal("nf4").find("my.layer: nf4 has no GPTQ form") != std::string::npos);
   CHECK(refusal("dint4-g32").find("dINT") != std::string::npos);
-  CHECK(refusal("int3-g32").find("3-bit GPTQ packing") != std::string::npos);
+  // 3-bit codes fill whole words 32 at a time: 48 outputs are refused (the zeros are packed along them).
+  CHECK(refusal("int3-g32").find("multiples of 32") != std::string::npos);
   // 100 input features are not whole words of eight 4-bit codes; a group of 64 does not divide 96 inputs.
   const quant::QuantizedTensor narrow = quant::quantize(ops::randn(Shape{48, 100}, 6, Device::cpu(), 0.f, 0.02f),
                                                         quant::QuantConfig::parse("int4-g0"));
@@ -263,6 +290,17 @@ TEST_CASE("qlora quantize -> qlora export --to gptq: every layer dequantizes to 
   REQUIRE(r.status == 0);
   check_gptq_directory(out_v2, model, 4, 0, [](const nn::Linear& linear) { return linear.merged_weight(DType::f32); });
   CHECK(read_json(out_v2 / "quantize_config.json").at("checkpoint_format") == "gptq_v2");
+
+  // 3 bits: codes straddle int32 words (AutoGPTQ's 3-bit unpacking above reads them).
+  const fs::path quantized3 = test::fresh_output_path("gptq-q3"), out3 = test::fresh_output_path("gptq-out3");
+  r = run_tool("quantize " + hf.string() + " --method rtn --format int3-g32 --out " + quantized3.string());
+  REQUIRE(r.status == 0);
+  r = run_tool("export " + quantized3.string() + " --to gptq --out " + out3.string());
+  INFO(r.err);
+  REQUIRE(r.status == 0);
+  ml::Model model3 = ml::load_model(quantized3);
+  check_gptq_directory(out3, model3, 3, 1, [](const nn::Linear& linear) { return linear.merged_weight(DType::f32); });
+  CHECK(read_json(out3 / "quantize_config.json").at("bits") == 3);
 }
 
 TEST_CASE("qlora export --to gptq: bad input gives one line, a non-zero exit and no output") {
@@ -284,7 +322,6 @@ TEST_CASE("qlora export --to gptq: bad input gives one line, a non-zero exit and
   };
   refused(nf4.string() + " --to gptq", "nf4 has no GPTQ form");
   refused(hf.string() + " --to gptq", "dense base");
-  refused(hf.string() + " --to gptq --quant int3-g32", "3-bit GPTQ packing");
   refused(hf.string() + " --to gptq --quant dint4-g32", "no GPTQ form");
   refused(hf.string() + " --to gptq --quant int4-g32 --gptq-format gptq_v3", "gptq_v3");
   refused(hf.string() + " --to hf --gptq-format gptq_v2", "--gptq-format applies to --to gptq only");
@@ -313,10 +350,7 @@ TEST_CASE("qlora export --to gptq: bad input gives one line, a non-zero exit and
 }
 
 TEST_CASE("qlora export --to gptq on stories260K (int8 per channel: its 172-wide MLP packs only at 8 bits)") {
-  if (kData.empty() || !fs::exists(kStories)) {
-    MESSAGE("skipped: " << kStories << " is absent (../shared/data not beside the checkout)");
-    return;
-  }
+  if (!qlora::test::shared_file_present(kStories)) return;
   const fs::path quantized = test::fresh_output_path("stories-q8"), out = test::fresh_output_path("stories-gptq"),
                  refused = test::fresh_output_path("stories-gptq-int4"), q4 = test::fresh_output_path("stories-q4");
   Result r = run_tool("quantize " + kStories.string() + " --tokenizer " + kStoriesTokenizer.string() +

@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "support/shared_data.hpp"
 #include "tool_runner.hpp"
 
 #include "models/llama/load.hpp"
@@ -200,19 +201,9 @@ TEST_CASE("export gguf: the q/k permutation round-trips exactly through an f32 f
 
 namespace {
 
-#if defined(QLORA_SHARED_DATA)
-const fs::path kData = QLORA_SHARED_DATA;
-#else
-const fs::path kData;
-#endif
-const fs::path kModel = kData / "models/stories260K/stories260K.bin";
-const fs::path kTokenizer = kData / "models/stories260K/tok512.bin";
-
-bool have_data() {
-  if (!kData.empty() && fs::exists(kModel)) return true;
-  MESSAGE("skipped: " << kModel << " is absent (../shared/data not beside the checkout)");
-  return false;
-}
+using qlora::test::kStories260K;
+using qlora::test::kStories260KTokenizer;
+using qlora::test::shared_file_present;
 
 using Result = qlora::test::ToolResult;
 Result run_tool(const std::string& args) { return qlora::test::run_qlora("export " + args); }
@@ -221,7 +212,7 @@ Result run_tool(const std::string& args) { return qlora::test::run_qlora("export
 // carries it is returned for comparison.
 ml::Model write_adapter(const fs::path& dir) {
   ml::LoadOptions o = adapted(nn::AdapterKind::qblora);
-  ml::Model m = ml::load_model(kModel, o);
+  ml::Model m = ml::load_model(kStories260K, o);
   randomize_adapters(m, 500);
   train::AdapterDescription d;
   d.adapter = o.adapter;
@@ -235,12 +226,12 @@ ml::Model write_adapter(const fs::path& dir) {
 }  // namespace
 
 TEST_CASE("qlora export: peft and gguf-q8_0 of stories260K with an adapter, read back") {
-  if (!have_data()) return;
+  if (!shared_file_present(kStories260K)) return;
   const fs::path adapter = qlora::test::fresh_output_path("tool-adapter"), peft = qlora::test::fresh_output_path("tool-peft"), gguf = qlora::test::fresh_output_path("tool.gguf");
   ml::Model model = write_adapter(adapter);
 
-  Result r = run_tool(kModel.string() + " --tokenizer " + kTokenizer.string() + " --adapter " + adapter.string() +
-                   " --to peft --out " + peft.string());
+  Result r = run_tool(kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string() + " --adapter " +
+                   adapter.string() + " --to peft --out " + peft.string());
   INFO(r.err);
   REQUIRE(r.status == 0);
   std::ifstream in(peft / "adapter_config.json");
@@ -254,8 +245,8 @@ TEST_CASE("qlora export: peft and gguf-q8_0 of stories260K with an adapter, read
   REQUIRE(a.shape() == lora->A.shape());
   CHECK(std::memcmp(a.data(), lora->A.data(), a.nbytes()) == 0);  // f32 written as is
 
-  r = run_tool(kModel.string() + " --tokenizer " + kTokenizer.string() + " --adapter " + adapter.string() +
-            " --to gguf-q8_0 --out " + gguf.string());
+  r = run_tool(kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string() + " --adapter " +
+            adapter.string() + " --to gguf-q8_0 --out " + gguf.string());
   REQUIRE(r.status == 0);
   const io::GgufFile g(gguf);
   CHECK(g.tensor("blk.0.attn_q.weight").type == std::uint32_t(io::GgmlType::Q8_0));
@@ -264,29 +255,29 @@ TEST_CASE("qlora export: peft and gguf-q8_0 of stories260K with an adapter, read
   ml::Model back = ml::load_model(gguf);
   CHECK(relative_error(logits_of(back, kIds), logits_of(model, kIds)) < 5e-2);
   // The embedded vocabulary tokenizes as tok512.bin does.
-  const auto from_gguf = io::load_tokenizer(gguf), from_bin = io::load_tokenizer(kTokenizer);
+  const auto from_gguf = io::load_tokenizer(gguf), from_bin = io::load_tokenizer(kStories260KTokenizer);
   const std::string text = "Once upon a time, Lily saw a big red ball.";
   CHECK(from_gguf->encode(text, true, false) == from_bin->encode(text, true, false));
 }
 
 TEST_CASE("qlora export: bad input gives one line, a non-zero exit and no output") {
-  if (!have_data()) return;
+  if (!shared_file_present(kStories260K)) return;
   const fs::path out = qlora::test::fresh_output_path("tool-bad");
-  Result r = run_tool(kModel.string() + " --to onnx --out " + out.string());
+  Result r = run_tool(kStories260K.string() + " --to onnx --out " + out.string());
   CHECK(r.status != 0);
   CHECK(r.err.find("onnx") != std::string::npos);
   CHECK_FALSE(fs::exists(out));
-  r = run_tool(kModel.string() + " --adapter " + (out.parent_path() / "no-such-adapter").string() + " --to peft --out " +
-            out.string());
+  r = run_tool(kStories260K.string() + " --adapter " + (out.parent_path() / "no-such-adapter").string() +
+            " --to peft --out " + out.string());
   CHECK(r.status != 0);
   CHECK(r.err.find("no-such-adapter") != std::string::npos);
   CHECK_FALSE(fs::exists(out));
-  r = run_tool(kModel.string() + " --to peft --out " + out.string());  // no adapter to export
+  r = run_tool(kStories260K.string() + " --to peft --out " + out.string());  // no adapter to export
   CHECK(r.status != 0);
   CHECK(r.err.find("no adapter") != std::string::npos);
   CHECK_FALSE(fs::exists(out));
   fs::create_directories(out);
-  r = run_tool(kModel.string() + " --to hf --out " + out.string());
+  r = run_tool(kStories260K.string() + " --to hf --out " + out.string());
   CHECK(r.status != 0);
   CHECK(r.err.find("already exists") != std::string::npos);
   CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);

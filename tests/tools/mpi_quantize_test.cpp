@@ -18,47 +18,31 @@
 
 #include "qlora/io/safetensors.hpp"
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kModel = kData / "models/stories260K/stories260K.bin";
-const fs::path kTokenizer = kData / "models/stories260K/tok512.bin";
-const fs::path kText = kData / "text/tinystories/TinyStories-valid-subset.txt";
-
+using qlora::test::kStories260K;
+using qlora::test::kStories260KTokenizer;
+using qlora::test::kTinyStoriesValid;
+using qlora::test::mpirun;
+using qlora::test::mpirun_available;
 using qlora::test::run_qlora;
+using qlora::test::shared_file_present;
 using Result = qlora::test::ToolResult;
-
-bool can_run() {
-#if !defined(QLORA_MPIRUN)
-  MESSAGE("skipped: built without MPI");
-  return false;
-#else
-  if (fs::exists(kModel)) return true;
-  MESSAGE("skipped: " << kModel << " is absent (../shared/data not beside the checkout)");
-  return false;
-#endif
-}
-
-std::string mpirun(int ranks) {
-#if defined(QLORA_MPIRUN)
-  return std::string(QLORA_MPIRUN) + " " + std::to_string(ranks);
-#else
-  return "false " + std::to_string(ranks);
-#endif
-}
 
 // Seven windows: uneven shares on two ranks.
 std::string quantize_args(const fs::path& out) {
-  return "quantize " + kModel.string() + " --tokenizer " + kTokenizer.string() + " --method gptq --format int4-g32 --calib " +
-         kText.string() + " --calib-samples 7 --calib-seq-len 128 --seed 3 --json --out " + out.string();
+  return "quantize " + kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string() +
+         " --method gptq --format int4-g32 --calib " + kTinyStoriesValid.string() +
+         " --calib-samples 7 --calib-seq-len 128 --seed 3 --json --out " + out.string();
 }
 
 double ppl_of(const fs::path& dir) {
-  const Result r = run_qlora("eval " + dir.string() + " --ppl " + kText.string() + " --seq-len 128 --json");
+  const Result r = run_qlora("eval " + dir.string() + " --ppl " + kTinyStoriesValid.string() + " --seq-len 128 --json");
   INFO(r.err);
   REQUIRE(r.status == 0);
   return nlohmann::json::parse(r.out).at("ppl").get<double>();
@@ -71,7 +55,7 @@ bool ends_with(const std::string& s, const std::string& tail) {
 }  // namespace
 
 TEST_CASE("mpirun -np 2 qlora quantize --method gptq: the output directory of one process") {
-  if (!can_run()) return;
+  if (!mpirun_available() || !shared_file_present(kStories260K)) return;
   const fs::path two = qlora::test::fresh_output_path("mpi-gptq-two"), one = qlora::test::fresh_output_path("mpi-gptq-one");
   const Result spread = run_qlora(quantize_args(two), mpirun(2));
   INFO(spread.err);

@@ -14,42 +14,26 @@
 
 #include "qlora/io/safetensors.hpp"
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kModel = kData / "models/stories260K/stories260K.bin";
-const fs::path kTokenizer = kData / "models/stories260K/tok512.bin";
-const fs::path kText = kData / "text/tinystories/TinyStories-valid-subset.txt";
-
+using qlora::test::kStories260K;
+using qlora::test::kStories260KTokenizer;
+using qlora::test::kTinyStoriesValid;
+using qlora::test::mpirun;
+using qlora::test::mpirun_available;
 using qlora::test::run_qlora;
+using qlora::test::shared_file_present;
 using Result = qlora::test::ToolResult;
-
-bool can_run() {
-#if !defined(QLORA_MPIRUN)
-  MESSAGE("skipped: built without MPI");
-  return false;
-#else
-  if (fs::exists(kModel)) return true;
-  MESSAGE("skipped: " << kModel << " is absent (../shared/data not beside the checkout)");
-  return false;
-#endif
-}
-
-std::string mpirun(int ranks) {
-#if defined(QLORA_MPIRUN)
-  return std::string(QLORA_MPIRUN) + " " + std::to_string(ranks);
-#else
-  return "false " + std::to_string(ranks);
-#endif
-}
 
 // --batch 4 is the global batch: two ranks take one micro-batch of 2 each, one process two.
 std::string train_args(const fs::path& out, int steps, const std::string& extra = "") {
-  return "train " + kModel.string() + " --tokenizer " + kTokenizer.string() + " --data " + kText.string() +
+  return "train " + kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string() + " --data " +
+         kTinyStoriesValid.string() +
          " --format text --seq-len 64 --adapter lora --rank 4 --alpha 8 --quant int4-g32 --lr 3e-3 --batch 4"
          " --micro-batch 2 --dropout 0.1 --save-every 2 --steps " + std::to_string(steps) + " --out " + out.string() +
          " " + extra;
@@ -76,7 +60,7 @@ double max_rel_diff(const fs::path& a, const fs::path& b) {
 }  // namespace
 
 TEST_CASE("mpirun -np 2 qlora train: the adapters of one process with the same global batch") {
-  if (!can_run()) return;
+  if (!mpirun_available() || !shared_file_present(kStories260K)) return;
   const fs::path two = qlora::test::fresh_output_path("mpi-two"), one = qlora::test::fresh_output_path("mpi-one");
   const Result spread = run_qlora(train_args(two, 4), mpirun(2));
   INFO(spread.err);
@@ -104,9 +88,9 @@ TEST_CASE("mpirun -np 2 qlora train: the adapters of one process with the same g
 }
 
 TEST_CASE("mpirun -np 2 qlora eval --ppl: the perplexity of one process, bit for bit") {
-  if (!can_run()) return;
-  const std::string args = "eval " + kModel.string() + " --tokenizer " + kTokenizer.string() + " --ppl " +
-                           kText.string() + " --seq-len 128 --batch 2 --quant int4-g32 --json";
+  if (!mpirun_available() || !shared_file_present(kStories260K)) return;
+  const std::string args = "eval " + kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string() + " --ppl " +
+                           kTinyStoriesValid.string() + " --seq-len 128 --batch 2 --quant int4-g32 --json";
   const Result spread = run_qlora(args, mpirun(2));
   INFO(spread.err);
   REQUIRE(spread.status == 0);
@@ -121,7 +105,7 @@ TEST_CASE("mpirun -np 2 qlora eval --ppl: the perplexity of one process, bit for
 }
 
 TEST_CASE("mpirun -np 2 qlora train --resume: the uninterrupted run's bytes; another world size is refused") {
-  if (!can_run()) return;
+  if (!mpirun_available() || !shared_file_present(kStories260K)) return;
   const fs::path straight = qlora::test::fresh_output_path("mpi-straight"), resumed = qlora::test::fresh_output_path("mpi-resumed");
   REQUIRE(run_qlora(train_args(straight, 4), mpirun(2)).status == 0);
   REQUIRE(run_qlora(train_args(resumed, 2), mpirun(2)).status == 0);

@@ -14,10 +14,11 @@
 #include <nlohmann/json.hpp>
 
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
+#include "tiny_hf_model.hpp"
 #include "tool_runner.hpp"
 
-#include "models/llama/load.hpp"
-#include "qlora/train/export.hpp"
+#include "models/llama/config.hpp"
 
 namespace fs = std::filesystem;
 namespace ml = qlora::models::llama;
@@ -25,16 +26,10 @@ using namespace qlora;
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kTinyTokenizer = fs::path(__FILE__).parent_path().parent_path() / "io" / "tokenizer_tiny_bpe.json";
-
-// A random Llama (vocabulary of the tiny BPE tokenizer, 600) as a HF directory with tokenizer.json, and a
-// small text to score: built once per process.
-struct TinyFixture {
-  fs::path model, text;
-  TinyFixture() {
-    const fs::path root = test::fresh_output_path("quantize-fixture");
-    fs::create_directories(root);
+// A random Llama of width 64 with the tiny BPE tokenizer as a HF directory, and a small text to score: built
+// once per process.
+const test::TinyHfModel& tiny() {
+  static const test::TinyHfModel f = [] {
     ml::Config c;
     c.hidden_size = 64;
     c.intermediate_size = 96;
@@ -42,29 +37,12 @@ struct TinyFixture {
     c.num_attention_heads = 4;
     c.num_key_value_heads = 2;
     c.head_dim = 16;
-    c.vocab_size = 600;
     c.max_position_embeddings = 64;
     c.rms_norm_eps = 1e-5;
-    c.bos_token_id = 1;
-    c.eos_token_ids = {0};
-    ml::Model m = ml::random_model(c, ml::LoadOptions{}, 5, 0.05f);
-    model = root / "model";
-    (void)train::export_hf(m, model, DType::f32);
-    fs::copy_file(kTinyTokenizer, model / "tokenizer.json");
-    // BOS / EOS from tokenizer_config.json, as a HF download has them (the tokenizer.json has none).
-    test::write_raw(model / "tokenizer_config.json",
-                    R"({"added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": true},)"
-                    R"( "1": {"content": "<|im_start|>", "special": true}},)"
-                    R"( "bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"})");
-    text = root / "text.txt";
-    std::string t;
-    for (int i = 0; i < 40; ++i) t += "The quick brown fox " + std::to_string(i) + " jumps over the lazy dog.\n";
-    test::write_raw(text, t);
-  }
-};
-
-const TinyFixture& tiny() {
-  static const TinyFixture f;
+    std::string text;
+    for (int i = 0; i < 40; ++i) text += "The quick brown fox " + std::to_string(i) + " jumps over the lazy dog.\n";
+    return test::write_tiny_hf_model("quantize-fixture", c, 5, 0.05f, text);
+  }();
   return f;
 }
 
@@ -79,7 +57,7 @@ std::string ppl_of(const std::string& args) {
 }  // namespace
 
 TEST_CASE("qlora quantize: rtn and nf4 directories evaluate exactly as --quant on load (tiny model)") {
-  const TinyFixture& f = tiny();
+  const test::TinyHfModel& f = tiny();
   for (const auto& [flags, format] : {std::pair<std::string, std::string>{"--method rtn --bits 4 --group 32", "int4-g32"},
                                       {"--method rtn --format dint4-g32-fz", "dint4-g32-fz"},
                                       {"--method nf4 --group 32", "nf4-g32"}}) {
@@ -107,7 +85,7 @@ TEST_CASE("qlora quantize: rtn and nf4 directories evaluate exactly as --quant o
 }
 
 TEST_CASE("qlora quantize: train attaches an adapter to the quantized directory, eval loads it back") {
-  const TinyFixture& f = tiny();
+  const test::TinyHfModel& f = tiny();
   const fs::path q = test::fresh_output_path("quantize-train-base");
   REQUIRE(test::run_qlora("quantize " + f.model.string() + " --method rtn --group 32 --out " + q.string()).status == 0);
   const fs::path run = test::fresh_output_path("quantize-train-run");
@@ -141,7 +119,7 @@ TEST_CASE("qlora quantize: train attaches an adapter to the quantized directory,
 // it and evaluates to a finite perplexity near RTN's on the same text (the layer-level orderings GPTQ <= RTN,
 // COMQ <= RTN, ... are asserted in tests/quant on controlled problems; here the pipeline is exercised end to end).
 TEST_CASE("qlora quantize: gptq, comq, awq, aqas and --magr run end to end (tiny model)") {
-  const TinyFixture& f = tiny();
+  const test::TinyHfModel& f = tiny();
   const std::string common = " --ppl " + f.text.string() + " --seq-len 32";
   const fs::path rtn = test::fresh_output_path("quantize-cal-rtn");
   REQUIRE(test::run_qlora("quantize " + f.model.string() + " --method rtn --bits 3 --group 32 --out " + rtn.string())
@@ -179,7 +157,7 @@ TEST_CASE("qlora quantize: gptq, comq, awq, aqas and --magr run end to end (tiny
 }
 
 TEST_CASE("qlora quantize: --json summary") {
-  const TinyFixture& f = tiny();
+  const test::TinyHfModel& f = tiny();
   const fs::path out = test::fresh_output_path("quantize-json");
   const test::ToolResult q =
       test::run_qlora("quantize " + f.model.string() + " --method rtn --bits 8 --group 0 --json --out " + out.string());
@@ -195,7 +173,7 @@ TEST_CASE("qlora quantize: --json summary") {
 }
 
 TEST_CASE("qlora quantize: bad flags are refused with one clear line") {
-  const TinyFixture& f = tiny();
+  const test::TinyHfModel& f = tiny();
   const std::string model = f.model.string();
   const fs::path out = test::fresh_output_path("quantize-bad");
   const auto refused = [&](const std::string& args, const std::string& message) {
@@ -229,19 +207,14 @@ TEST_CASE("qlora quantize: bad flags are refused with one clear line") {
 }
 
 TEST_CASE("qlora quantize: stories260K rtn equals --quant on load") {
-  const fs::path dir = kData / "models/stories260K";
-  if (!fs::exists(dir / "stories260K.bin")) {
-    MESSAGE("skipping: " << dir.string() << " is absent (../shared/data not checked out beside the repository)");
-    return;
-  }
+  if (!test::shared_file_present(test::kStories260K)) return;
   const fs::path out = test::fresh_output_path("quantize-stories");
-  const std::string source = (dir / "stories260K.bin").string() + " --tokenizer " + (dir / "tok512.bin").string();
+  const std::string source = test::kStories260K.string() + " --tokenizer " + test::kStories260KTokenizer.string();
   const test::ToolResult q = test::run_qlora("quantize " + source + " --method rtn --bits 4 --group 32 --out " + out.string());
   INFO(q.err);
   REQUIRE(q.status == 0);
   CHECK(fs::exists(out / "tokenizer.bin"));  // the llama2.c tokenizer travels with the directory
-  const std::string text = (kData / "text/tinystories/TinyStories-valid-subset.txt").string();
-  const std::string common = " --ppl " + text + " --seq-len 128";
+  const std::string common = " --ppl " + test::kTinyStoriesValid.string() + " --seq-len 128";
   const std::string from_dir = ppl_of(out.string() + common);
   const std::string on_load = ppl_of(source + common + " --quant int4-g32");
   MESSAGE("stories260K int4-g32 ppl on the TinyStories subset: " << from_dir);

@@ -14,49 +14,26 @@
 
 #include <nlohmann/json.hpp>
 
-#include "models/llama/load.hpp"
 #include "qlora/io/safetensors.hpp"
 #include "qlora/train/export.hpp"
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 #include "support/tiny_llama.hpp"
+#include "tiny_hf_model.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
-namespace ml = qlora::models::llama;
 using namespace qlora;
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kTinyTokenizer = fs::path(__FILE__).parent_path().parent_path() / "io" / "tokenizer_tiny_bpe.json";
-
-// The tiny Llama with the tiny BPE tokenizer's vocabulary (600) as a HF directory, and a text to train on.
-struct TinyModel {
-  fs::path model, text;
-  TinyModel() {
-    const fs::path root = test::fresh_output_path("rank-adaptive-fixture");
-    fs::create_directories(root);
-    ml::Config c = test::tiny_llama_config();
-    c.vocab_size = 600;
-    c.eos_token_ids = {0};
-    ml::Model m = ml::random_model(c, ml::LoadOptions{}, 5, 0.2f);
-    model = root / "model";
-    (void)train::export_hf(m, model, DType::f32);
-    fs::copy_file(kTinyTokenizer, model / "tokenizer.json");
-    // BOS / EOS from tokenizer_config.json, as a HF download has them (the tokenizer.json has none).
-    test::write_raw(model / "tokenizer_config.json",
-                    R"({"added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": true},)"
-                    R"( "1": {"content": "<|im_start|>", "special": true}},)"
-                    R"( "bos_token": "<|im_start|>", "eos_token": "<|endoftext|>"})");
-    text = root / "text.txt";
-    std::string t;
-    for (int i = 0; i < 60; ++i) t += "The quick brown fox " + std::to_string(i % 7) + " jumps over the lazy dog.\n";
-    test::write_raw(text, t);
-  }
-};
-
-const TinyModel& tiny() {
-  static const TinyModel f;
+// The tiny Llama with the tiny BPE tokenizer as a HF directory, and a text to train on: built once per process.
+const test::TinyHfModel& tiny() {
+  static const test::TinyHfModel f = [] {
+    std::string text;
+    for (int i = 0; i < 60; ++i) text += "The quick brown fox " + std::to_string(i % 7) + " jumps over the lazy dog.\n";
+    return test::write_tiny_hf_model("rank-adaptive-fixture", test::tiny_llama_config(), 5, 0.2f, text);
+  }();
   return f;
 }
 
@@ -162,15 +139,11 @@ TEST_CASE("qlora train --rank-adaptive (tiny Llama): budget, resume, rank_patter
 }
 
 TEST_CASE("qlora train --rank-adaptive on stories260K (int2): under the budget, the loss goes down") {
-  const fs::path model = kData / "models/stories260K/stories260K.bin";
-  if (!fs::exists(model)) {
-    MESSAGE("skipped: " << model << " is absent (../shared/data not beside the checkout)");
-    return;
-  }
+  if (!test::shared_file_present(test::kStories260K)) return;
   const fs::path out = test::fresh_output_path("ra-stories");
   const test::ToolResult r = test::run_qlora(
-      "train " + model.string() + " --tokenizer " + (kData / "models/stories260K/tok512.bin").string() + " --data " +
-      (kData / "text/tinystories/TinyStories-valid-subset.txt").string() +
+      "train " + test::kStories260K.string() + " --tokenizer " + test::kStories260KTokenizer.string() + " --data " +
+      test::kTinyStoriesValid.string() +
       " --format text --seq-len 64 --adapter lora --rank 4 --alpha 8 --quant int2-g32 --lr 1e-2 --batch 4"
       " --micro-batch 2 --steps 12 --rank-adaptive --rank-every 3 --rank-stop 9 --rank-min 1 --rank-max 8 --rank-margin 1 --out " +
       out.string());

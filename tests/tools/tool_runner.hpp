@@ -1,7 +1,8 @@
 #pragma once
-// Runs the built qlora binary (QLORA_TOOL) as a user would, with stdout and stderr captured: shared by the
-// end-to-end tests of the tool.
+// Runs the built qlora binary (QLORA_TOOL) as a user would, with stdout and stderr captured, alone or under
+// mpirun (QLORA_MPIRUN, where the build has MPI): shared by the end-to-end tests of the tool.
 
+#include <doctest/doctest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -41,6 +42,27 @@ inline ToolResult run_qlora(const std::string& args, const std::string& launcher
   r.err = s.str();
   std::filesystem::remove(err_file);
   return r;
+}
+
+// Whether this build can start the tool under mpirun; otherwise the test's skip line.
+inline bool mpirun_available() {
+#if defined(QLORA_MPIRUN)
+  return true;
+#else
+  MESSAGE("skipped: built without MPI");
+  return false;
+#endif
+}
+
+// The launcher for run_qlora that starts `ranks` processes: QLORA_MPIRUN (tests/CMakeLists.txt: mpiexec, its
+// flags, then the process-count flag) and the count. Without MPI a command that fails, so that a test which
+// forgot mpirun_available() fails rather than running one process.
+inline std::string mpirun(int ranks) {
+#if defined(QLORA_MPIRUN)
+  return std::string(QLORA_MPIRUN) + " " + std::to_string(ranks);
+#else
+  return "false " + std::to_string(ranks);
+#endif
 }
 
 // A path for one test's output under a per-process directory: removed if it exists, its parent created.

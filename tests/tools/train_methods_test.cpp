@@ -13,25 +13,21 @@
 #include <nlohmann/json.hpp>
 
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kData = QLORA_SHARED_DATA;
-const fs::path kModel = kData / "models/stories260K/stories260K.bin";
-const fs::path kTokenizer = kData / "models/stories260K/tok512.bin";
-const fs::path kText = kData / "text/tinystories/TinyStories-valid-subset.txt";
-
-bool have_data() {
-  if (fs::exists(kModel)) return true;
-  MESSAGE("skipped: " << kModel << " is absent (../shared/data not beside the checkout)");
-  return false;
-}
+using qlora::test::kStories260K;
+using qlora::test::kStories260KTokenizer;
+using qlora::test::kTinyStoriesValid;
+using qlora::test::shared_file_present;
 
 std::string train_args(const fs::path& out, const std::string& objective, int steps, const std::string& init = "default") {
-  return "train " + kModel.string() + " --tokenizer " + kTokenizer.string() + " --data " + kText.string() +
+  return "train " + kStories260K.string() + " --tokenizer " + kStories260KTokenizer.string() + " --data " +
+         kTinyStoriesValid.string() +
          " --format text --seq-len 64 --adapter lora --rank 4 --alpha 8 --quant int2-g32 --lr 1e-2 --batch 4"
          " --micro-batch 2 --steps " + std::to_string(steps) + " --objective " + objective + " --init " + init + " --out " + out.string();
 }
@@ -50,7 +46,7 @@ std::vector<double> losses(const fs::path& out) {
 }  // namespace
 
 TEST_CASE("qlora train --objective rilq: the objective goes down; ti runs; refusals") {
-  if (!have_data()) return;
+  if (!shared_file_present(kStories260K)) return;
   const fs::path rilq = qlora::test::fresh_output_path("objective-rilq");
   const qlora::test::ToolResult r = qlora::test::run_qlora(train_args(rilq, "rilq", 12));
   INFO(r.err);
@@ -77,7 +73,7 @@ TEST_CASE("qlora train --objective rilq: the objective goes down; ti runs; refus
 // LoftQ and CLoQ start the int2 model closer to the full-precision one than B = 0 does (stories260K, LoRA r4:
 // measured 5.5 -> 4.3 / 3.9 nats in docs/adapter-init.md), so the first step's loss is lower on the same batch.
 TEST_CASE("qlora train --init loftq|cloq: the first step's loss is below the default init's") {
-  if (!have_data()) return;
+  if (!shared_file_present(kStories260K)) return;
   const auto first_loss = [](const std::string& init) {
     const fs::path out = qlora::test::fresh_output_path("init-" + init);
     const qlora::test::ToolResult r = qlora::test::run_qlora(train_args(out, "sft", 1, init));

@@ -15,6 +15,7 @@
 #include "qlora/train/instruction_data.hpp"
 #include "qlora/train/text_data.hpp"
 #include "support/files.hpp"
+#include "support/shared_data.hpp"
 
 using namespace qlora;
 using namespace qlora::train;
@@ -80,12 +81,8 @@ TEST_CASE("data: instruction files as JSON arrays and JSONL, and their errors wi
 }
 
 TEST_CASE("data: prompt tokens are masked, the response is trained, lengths are truncated") {
-  const fs::path model = fs::path(QLORA_SHARED_DATA) / "models/stories260K/tok512.model";
-  if (!fs::exists(model)) {
-    MESSAGE("skipped: " << model << " is absent (../shared/data not beside the checkout)");
-    return;
-  }
-  const auto tok = io::load_tokenizer(model);
+  if (!qlora::test::shared_file_present(qlora::test::kStories260KSentencePiece)) return;
+  const auto tok = io::load_tokenizer(qlora::test::kStories260KSentencePiece);
   const InstructionRecord rec{"Once upon a time there was a cat.", "The cat was happy."};
   const Example ex = tokenize_instruction(*tok, rec);
   const auto source = tok->encode(rec.prompt, true), target = tok->encode(rec.completion, false, true);

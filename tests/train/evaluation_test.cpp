@@ -10,6 +10,7 @@
 
 #include "qlora/io/tokenizer_load.hpp"
 #include "qlora/train/evaluation.hpp"
+#include "support/shared_data.hpp"
 
 using namespace qlora;
 using namespace qlora::train;
@@ -37,12 +38,8 @@ TEST_CASE("evaluation: perplexity of a uniform model is the vocabulary size; win
 }
 
 TEST_CASE("evaluation: multiple choice accuracy and the length-normalised accuracy") {
-  const fs::path model = fs::path(QLORA_SHARED_DATA) / "models/stories260K/tok512.model";
-  if (!fs::exists(model)) {
-    MESSAGE("skipped: " << model << " is absent");
-    return;
-  }
-  const auto tok = io::load_tokenizer(model);
+  if (!test::shared_file_present(test::kStories260KSentencePiece)) return;
+  const auto tok = io::load_tokenizer(test::kStories260KSentencePiece);
   // The pair encoding: the context's tokens followed by the continuation's, nothing lost.
   const auto [ctx, cont] = encode_pair(*tok, "Question: Where is the cat?\nAnswer: ", "in the box");
   auto whole = tok->encode("Question: Where is the cat?\nAnswer: in the box", true);
@@ -80,14 +77,11 @@ TEST_CASE("evaluation: GSM8K answers are extracted from '####' or the last numbe
   CHECK(gsm8k_extract_answer("The answer is 1,234.") == "1234");
   CHECK(gsm8k_extract_answer("it drops by -5 then 3.5") == "3.5");
   CHECK(gsm8k_extract_answer("no numbers") == "");
-  const fs::path test = fs::path(QLORA_SHARED_DATA) / "eval/gsm8k/test.jsonl";
-  if (!fs::exists(test)) {
-    MESSAGE("skipped: " << test << " is absent");
-    return;
-  }
+  const fs::path gsm8k_test = test::kSharedData / "eval/gsm8k/test.jsonl";
+  if (!test::shared_file_present(gsm8k_test)) return;
   // Every reference solution ends in "#### N"; the first test question (Janet's ducks) is 18 and the
   // second (a robe's bolts of fiber) is 3, as published in openai/grade-school-math.
-  std::ifstream in(test);
+  std::ifstream in(gsm8k_test);
   std::string line;
   std::vector<std::string> answers;
   while (std::getline(in, line)) answers.push_back(gsm8k_extract_answer(nlohmann::json::parse(line).at("answer")));

@@ -45,7 +45,7 @@ struct TrainFlags {
   float alpha = 16.f, dropout = 0.f;
   int pool = 0, repeat = 0;
   std::int64_t steps = 100, batch = 16, micro_batch = 4, seq_len = 512, source_max_len = 384, target_max_len = 128;
-  std::int64_t warmup = 0, save_every = 0, eval_every = 0, eval_count = 0, log_every = 1;
+  std::int64_t warmup = 0, save_every = 0, eval_every = 0, eval_count = 0, log_every = 1, loss_vocab_chunk = 0;
   double lr = 2e-4, weight_decay = 0.0, max_grad_norm = 0.3;
   std::uint64_t seed = 42;
   bool group_by_length = false, checkpointing = false, skip_nonfinite = false, train_on_source = false;
@@ -175,6 +175,7 @@ void run_train(TrainFlags f) {
     tokenizer = open_tokenizer(f.model, f.tokenizer);
     model.emplace(ml::load_model(f.model, load));
     model->checkpointing = f.checkpointing;
+    model->loss_vocab_chunk = f.loss_vocab_chunk;
     auto examples = load_examples(f, *tokenizer, model->config().max_position_embeddings);
     if (init != ml::AdapterInitMethod::standard) {
       QLORA_CHECK(!stored_quant, "--init " + f.init + " needs the full-precision weights, and " + f.model +
@@ -317,6 +318,9 @@ void register_train(CLI::App& app) {
   cmd->add_option("--save-every", f->save_every, "Checkpoint every N steps (and at the end)");
   cmd->add_option("--log-every", f->log_every, "Progress line every N steps");
   cmd->add_flag("--checkpointing", f->checkpointing, "Recompute each block's activations in the backward");
+  cmd->add_option("--loss-vocab-chunk", f->loss_vocab_chunk,
+                  "Vocabulary columns of logits held at once by the loss (0: all; e.g. 16384 for Llama 3's 128K vocabulary)")
+      ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--skip-nonfinite", f->skip_nonfinite, "Skip steps with a NaN/Inf loss or gradient instead of stopping");
   cmd->add_option("--out", f->out, "Run directory")->required();
   cmd->add_option("--resume", f->resume, "Continue the run in this directory from its newest checkpoint");

@@ -23,7 +23,7 @@ struct PtqSettings {
   double damp = 0.01;         // GPTQ's percdamp: H += damp * mean(diag H) * I
   bool act_order = false;     // GPTQ's act_order (columns by decreasing diag H)
   int act_bits = 0;           // 0 or 8 (W4A8)
-  Device device = Device::cpu();  // where GPTQ's column loop and MagR's iterations run
+  Device device = Device::cpu();  // where GPTQ's column loop, COMQ's sweeps and MagR's iterations run
 };
 
 struct PtqMethod {
@@ -56,8 +56,9 @@ inline models::llama::LayerQuantizer gptq(const PtqSettings& s) {
 inline models::llama::LayerQuantizer comq(const PtqSettings& s) {
   quant::ComqOptions o;
   o.update_scales = true;
-  return [format = s.format, o](const std::string&, const Tensor& w, const Tensor& h) {
-    return quant::comq_quantize(w, h, format, o);
+  // The sweeps run on --device (W and H moved there); the result comes back to the host, as GPTQ's does.
+  return [format = s.format, o, device = s.device](const std::string&, const Tensor& w, const Tensor& h) {
+    return quant::comq_quantize(w.to(device), h.to(device), format, o).to(Device::cpu());
   };
 }
 

@@ -19,6 +19,9 @@
 // rounded to f16 (the stored format); since s_old is itself an f16 value, the rounded optimum is never
 // farther from the optimum than s_old, and the exact change above is checked before a step is taken.
 //
+// The decisions of a step (start value, greedy key, coordinate and scale steps) are QLORA_HD functions that the
+// CUDA twin (cuda/quant/comq.cu) calls as they are; only the dot products and their summation order differ.
+//
 // Monotonicity: every accepted step lowers or keeps E_i in exact arithmetic (a new code is taken only when
 // it is strictly nearer t than the current value), so starting from RTN codes E_i never rises above RTN's.
 // Starting from the weights themselves (the released code's Q = W), the first sweep is sequential rounding
@@ -64,12 +67,12 @@ double dot_f64(const HT* h, const double* d, std::int64_t n) {
 // The code whose value on grid g is nearest t: the clamped uniform rounding (the nearest uniform level),
 // and for dINT also its two half-step codes. Unlike dint_code's fixed thresholds this is the exact nearest
 // level for any zero point, which the coordinate step needs.
-inline std::uint8_t nearest_int_code(IntKind kind, int bits, float t, IntGrid g) {
+QLORA_HD std::uint8_t nearest_int_code(IntKind kind, int bits, float t, IntGrid g) {
   const int qmax = int_qmax(kind, bits);
   std::uint8_t best = int_code(t, g, qmax);
   if (kind == IntKind::dint) {
     double best_dist = std::fabs(double(t) - double(decode_int(kind, bits, best, g)));
-    for (const int half : {qmax + 1, qmax + 2}) {
+    for (int half = qmax + 1; half <= qmax + 2; ++half) {
       const double dist = std::fabs(double(t) - double(decode_int(kind, bits, std::uint8_t(half), g)));
       if (dist < best_dist) {
         best = std::uint8_t(half);
@@ -80,9 +83,44 @@ inline std::uint8_t nearest_int_code(IntKind kind, int bits, float t, IntGrid g)
   return best;
 }
 
+// The value q_j of a column before the first sweep: w_j itself for a Q = W start (columns with H_jj > 0;
+// a dead column keeps its code), else the starting code's value. Always an f32 value, as every later q_j is
+// (a grid value), so q is kept in f32 and only d = w - q needs f64.
+QLORA_HD float comq_start_value(const ComqSettings& st, float w, bool active, std::uint8_t code, IntGrid g) {
+  return st.start_from_weights && active ? w : decode_int(st.kind, st.bits, code, g);
+}
+
+// The greedy key of a column: |w_j| sqrt(H_jj), in f64 (a correctly rounded sqrt and product, so every
+// backend computes the same key and the same order).
+QLORA_HD double comq_greedy_key(float w, double h_jj) { return std::fabs(double(w)) * std::sqrt(h_jj); }
+
+// One coordinate step (file comment): t = q_j + (H d)_j / H_jj and the grid code nearest t, taken when it is
+// strictly nearer t than q_j, or always on the first visit of a Q = W start (off_grid). Returns whether the
+// step is taken, with the new code and value.
+QLORA_HD bool comq_coordinate_step(IntKind kind, int bits, float q, double hd, double h_jj, IntGrid grid, bool off_grid,
+                                   std::uint8_t& code, float& value) {
+  const double t = double(q) + hd / h_jj;
+  code = nearest_int_code(kind, bits, float(t), grid);
+  value = decode_int(kind, bits, code, grid);
+  return off_grid || std::fabs(double(value) - t) < std::fabs(double(q) - t);
+}
+
+// One scale step (file comment) from num = m_G^T (H d)_G and den = m_G^T H_GG m_G: the optimum s + num / den
+// rounded to f16, taken only when the exact change of E_i, e^2 den - 2 e num, is negative. Returns whether
+// the scale moves, with the new scale.
+QLORA_HD bool comq_scale_step(float scale, double num, double den, float& new_scale) {
+  if (!(den > 0)) return false;
+  const double optimum = double(scale) + num / den;
+  if (!(optimum > 0) || !(optimum < 65504.0)) return false;  // also refuses NaN; +inf is >= 65504
+  new_scale = round_scale_to_f16(float(optimum));
+  const double e = double(new_scale) - double(scale);
+  return e * e * den - 2 * e * num < 0;  // take strict decreases only
+}
+
 // Per-thread scratch of comq_row (reused across the rows a thread handles).
 struct ComqScratch {
-  std::vector<double> q, d;          // current values and residual w - q of the row
+  std::vector<float> q;              // current values of the row (f32 values: see comq_start_value)
+  std::vector<double> d;             // residual w - q of the row
   std::vector<std::int64_t> order;   // columns in visiting order (those with H_jj > 0)
   std::vector<double> key;           // greedy keys
   std::vector<double> level;         // levels m of one group's codes (scale step)
@@ -98,7 +136,7 @@ void comq_column_order(const float* w, const HT* h, std::int64_t cols, bool gree
     if (h[j * cols + j] > HT(0)) s.order.push_back(j);
   if (!greedy) return;
   s.key.resize(std::size_t(cols));
-  for (const std::int64_t j : s.order) s.key[std::size_t(j)] = std::fabs(double(w[j])) * std::sqrt(double(h[j * cols + j]));
+  for (const std::int64_t j : s.order) s.key[std::size_t(j)] = comq_greedy_key(w[j], double(h[j * cols + j]));
   std::stable_sort(s.order.begin(), s.order.end(),
                    [&](std::int64_t a, std::int64_t b) { return s.key[std::size_t(a)] > s.key[std::size_t(b)]; });
 }
@@ -127,16 +165,12 @@ void comq_update_row_scales(const ComqSettings& st, const float* w, const HT* h,
       for (std::int64_t k = begin; k < end; ++k) row += double(h[j * cols + k]) * level[std::size_t(k - begin)];
       den += mj * row;
     }
-    if (!(den > 0)) continue;
-    const double optimum = double(grid.scale) + num / den;
-    if (!(optimum > 0) || !std::isfinite(optimum) || optimum >= 65504.0) continue;
-    const float scale = round_scale_to_f16(float(optimum));
-    const double e = double(scale) - double(grid.scale);
-    if (!(e * e * den - 2 * e * num < 0)) continue;  // the exact change of E_i: take strict decreases only
+    float scale = 0.f;
+    if (!comq_scale_step(grid.scale, num, den, scale)) continue;
     grid.scale = scale;
     for (std::int64_t j = begin; j < end; ++j) {
-      s.q[std::size_t(j)] = double(decode_int(st.kind, st.bits, codes[j], grid));
-      s.d[std::size_t(j)] = double(w[j]) - s.q[std::size_t(j)];
+      s.q[std::size_t(j)] = decode_int(st.kind, st.bits, codes[j], grid);
+      s.d[std::size_t(j)] = double(w[j]) - double(s.q[std::size_t(j)]);
     }
   }
 }
@@ -149,22 +183,20 @@ void comq_row(const ComqSettings& st, const float* w, const HT* h, std::int64_t 
   s.q.resize(std::size_t(cols));
   s.d.resize(std::size_t(cols));
   for (std::int64_t j = 0; j < cols; ++j) {
-    const bool free_start = st.start_from_weights && h[j * cols + j] > HT(0);
-    s.q[std::size_t(j)] = free_start ? double(w[j]) : double(decode_int(st.kind, st.bits, codes[j], grids[j / st.group]));
-    s.d[std::size_t(j)] = double(w[j]) - s.q[std::size_t(j)];
+    s.q[std::size_t(j)] = comq_start_value(st, w[j], h[j * cols + j] > HT(0), codes[j], grids[j / st.group]);
+    s.d[std::size_t(j)] = double(w[j]) - double(s.q[std::size_t(j)]);
   }
   comq_column_order(w, h, cols, st.greedy_order, s);
   for (int sweep = 0; sweep < st.sweeps; ++sweep) {
     const bool off_grid = st.start_from_weights && sweep == 0;  // first visit of a Q = W start: always round
     for (const std::int64_t j : s.order) {
-      const double t = s.q[std::size_t(j)] + dot_f64(h + j * cols, s.d.data(), cols) / double(h[j * cols + j]);
-      const IntGrid grid = grids[j / st.group];
-      const std::uint8_t code = nearest_int_code(st.kind, st.bits, float(t), grid);
-      const double value = double(decode_int(st.kind, st.bits, code, grid));
-      if (off_grid || std::fabs(value - t) < std::fabs(s.q[std::size_t(j)] - t)) {
+      std::uint8_t code = 0;
+      float value = 0.f;
+      if (comq_coordinate_step(st.kind, st.bits, s.q[std::size_t(j)], dot_f64(h + j * cols, s.d.data(), cols),
+                               double(h[j * cols + j]), grids[j / st.group], off_grid, code, value)) {
         codes[j] = code;
         s.q[std::size_t(j)] = value;
-        s.d[std::size_t(j)] = double(w[j]) - value;
+        s.d[std::size_t(j)] = double(w[j]) - double(value);
       }
     }
     if (st.update_scales) comq_update_row_scales(st, w, h, cols, codes, grids, s);

@@ -2,21 +2,26 @@
 // Exporting a model as a GPTQ checkpoint that AutoGPTQ and transformers (optimum GPTQ, GPTQModel) load
 // (docs/export.md, "--to gptq"). The layout follows AutoGPTQ/AutoGPTQ auto_gptq/nn_modules/qlinear/
 // qlinear_cuda_old.py: QuantLinear.pack() and the torch dequantization of its forward(). For bits b in
-// {2, 4, 8}, f = 32 / b codes per int32 word, every block linear W [out, in] becomes
-//   <linear>.qweight  i32 [in / f, out]      word (i / f, o) holds code(o, i) in bits [b (i % f), b (i % f) + b)
-//   <linear>.qzeros   i32 [groups, out / f]  word (g, o / f) holds zero(o, g) - offset in bits [b (o % f), ...)
+// {2, 3, 4, 8}, every block linear W [out, in] becomes
+//   <linear>.qweight  i32 [in b / 32, out]   column o: the codes code(o, 0..in) as one bit stream
+//   <linear>.qzeros   i32 [groups, out b / 32] row g: the zeros zero(0..out, g) - offset as one bit stream
 //   <linear>.scales   f16 [groups, out]
 //   <linear>.g_idx    i32 [in]               i / group_size (groups in column order: desc_act false)
-// and AutoGPTQ dequantizes w(o, i) = scales[g, o] * (code - ((stored zero & mask) + offset)), g = g_idx[i].
-// That is our grid, w = scale * (code - zero) (quant/format.hpp), with the same f16 scales and integer zeros,
-// so the export is exact. checkpoint_format "gptq" (v1, AutoGPTQ's): offset 1, pack() stores zeros - 1, so a
-// zero point of 0 has no v1 form (pack() would write -1 into the neighbours' bits; GPTQModel's v1 -> v2
-// conversion adds 1 per field and carries): refused, naming the tensor. "gptq_v2" (GPTQModel) stores the
-// zero itself (offset 0). 3-bit codes straddle words in a pattern of their own (ten codes, a split one, ...):
-// not implemented, refused. Non-quantized tensors are f16; config.json carries quantization_config and
-// quantize_config.json repeats it for AutoGPTQ.
+// where "one bit stream" is pack()'s order: code k occupies bits [b k, b k + b) of the little-endian
+// concatenation of the words. At 2, 4 and 8 bits that is 32 / b codes per word, low bits first; at 3 bits
+// pack()'s loops (ten codes, one split over two words, ten, one split, ten) are the same stream, 32 codes
+// in 3 words. AutoGPTQ dequantizes w(o, i) = scales[g, o] * (code - ((stored zero & mask) + offset)),
+// g = g_idx[i]. That is our grid, w = scale * (code - zero) (quant/format.hpp), with the same f16 scales and
+// integer zeros, so the export is exact. checkpoint_format "gptq" (v1, AutoGPTQ's): offset 1, pack()
+// stores zeros - 1, so a zero point of 0 has no v1 form (pack() would write -1 into the neighbours' bits;
+// GPTQModel's v1 -> v2 conversion adds 1 per field and carries): refused, naming the tensor. "gptq_v2"
+// (GPTQModel) stores the zero itself (offset 0). GPTQ's act-order (quantize --act-order) runs with static
+// groups along natural columns here (docs/ptq.md), for which AutoGPTQ's g_idx is i / group_size as well.
+// Non-quantized tensors are f16; config.json carries quantization_config and quantize_config.json repeats
+// it for AutoGPTQ.
 
 #include <bit>
+#include <numeric>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -61,8 +66,33 @@ inline std::string gptq_format_refusal(const quant::QuantConfig& c) {
     case quant::Scheme::int_asym:
     case quant::Scheme::int_sym: break;
   }
-  if (c.bits == 3) return fmt + ": 3-bit GPTQ packing (codes straddling int32 words) is not implemented; use 2, 4 or 8 bits";
+  if (c.bits != 2 && c.bits != 3 && c.bits != 4 && c.bits != 8)
+    return fmt + ": GPTQ packs 2, 3, 4 or 8-bit codes, not " + std::to_string(c.bits);
   return "";
+}
+
+// The fewest codes that fill whole int32 words at `bits` (16, 32, 8, 4 for 2, 3, 4, 8 bits): a packed
+// dimension must be a multiple of it.
+inline int gptq_codes_per_unit(int bits) { return 32 / std::gcd(32, bits); }
+
+// Packs `count` codes (a multiple of gptq_codes_per_unit(bits)) as one bit stream, code k in bits
+// [bits k, bits k + bits): word j of the stream is words[j * word_stride]. A code that crosses a word
+// boundary (3 bits) puts its low bits at the top of one word and its high bits at the bottom of the next.
+template <class CodeAt>
+void pack_gptq_bit_stream(std::int64_t count, int bits, CodeAt code_at, std::int32_t* words, std::int64_t word_stride) {
+  const std::int64_t n_words = count * bits / 32;
+  for (std::int64_t j = 0; j < n_words; ++j) words[j * word_stride] = 0;
+  for (std::int64_t k = 0; k < count; ++k) {
+    const std::uint64_t code = code_at(k);
+    const std::int64_t bit = k * bits, word = bit / 32;
+    const int shift = int(bit % 32);
+    const std::uint64_t placed = code << shift;  // up to 39 bits: the part above 32 spills into the next word
+    words[word * word_stride] = std::bit_cast<std::int32_t>(std::bit_cast<std::uint32_t>(words[word * word_stride]) |
+                                                            std::uint32_t(placed));
+    if (shift + bits > 32)
+      words[(word + 1) * word_stride] = std::bit_cast<std::int32_t>(
+          std::bit_cast<std::uint32_t>(words[(word + 1) * word_stride]) | std::uint32_t(placed >> 32));
+  }
 }
 
 // The four GPTQ tensors of one linear.
@@ -78,56 +108,45 @@ inline GptqLinear pack_gptq_linear(const quant::QuantizedTensor& q, GptqCheckpoi
   const std::string refusal = gptq_format_refusal(q.config);
   QLORA_CHECK(refusal.empty(), "export to gptq: " + name + ": " + refusal);
   const quant::IntCodes u = quant::unpack_int_codes(q.to(Device::cpu()), "export to gptq: " + name);
-  const int bits = u.bits, per_word = 32 / bits;
+  const int bits = u.bits, unit = gptq_codes_per_unit(bits);
   const std::int64_t out = u.rows, in = u.cols, groups = u.groups_per_row;
   const std::string shape = std::to_string(out) + " x " + std::to_string(in);
-  QLORA_CHECK(in % per_word == 0 && out % per_word == 0,
-              "export to gptq: " + name + " (" + shape + ") cannot be packed: GPTQ packs " + std::to_string(per_word) + " " +
-                  std::to_string(bits) + "-bit codes per int32 word along both dimensions, so in and out features must be "
-                  "multiples of " + std::to_string(per_word));
+  QLORA_CHECK(in % unit == 0 && out % unit == 0,
+              "export to gptq: " + name + " (" + shape + ") cannot be packed: GPTQ packs " + std::to_string(bits) +
+                  "-bit codes into whole int32 words along both dimensions, so in and out features must be multiples of " +
+                  std::to_string(unit));
   QLORA_CHECK(in % u.group == 0, "export to gptq: " + name + " (" + shape + "): group size " + std::to_string(u.group) +
                                      " does not divide its " + std::to_string(in) + " input features (GPTQ kernels need "
                                      "whole groups; use -g0 or a group that divides every layer)");
 
   const std::uint32_t mask = (1u << bits) - 1u;
   GptqLinear g;
-  g.qweight = Tensor::empty(Shape{in / per_word, out}, DType::i32);
-  std::int32_t* qweight = g.qweight.data<std::int32_t>();
-  for (std::int64_t w = 0; w < in / per_word; ++w)
-    for (std::int64_t o = 0; o < out; ++o) {
-      std::uint32_t word = 0;
-      for (int k = 0; k < per_word; ++k)
-        word |= std::uint32_t(u.codes[std::size_t(o * in + w * per_word + k)]) << (bits * k);
-      qweight[w * out + o] = std::bit_cast<std::int32_t>(word);
-    }
+  g.qweight = Tensor::empty(Shape{in * bits / 32, out}, DType::i32);
+  for (std::int64_t o = 0; o < out; ++o)  // column o of qweight: row o of the codes, along the input dimension
+    pack_gptq_bit_stream(in, bits, [&](std::int64_t i) { return u.codes[std::size_t(o * in + i)]; },
+                         g.qweight.data<std::int32_t>() + o, out);
 
   const int offset = gptq_zero_offset(format);
-  g.qzeros = Tensor::empty(Shape{groups, out / per_word}, DType::i32);
+  g.qzeros = Tensor::empty(Shape{groups, out * bits / 32}, DType::i32);
   g.scales = Tensor::empty(Shape{groups, out}, DType::f16);
-  std::int32_t* qzeros = g.qzeros.data<std::int32_t>();
   f16* scales = g.scales.data<f16>();
   std::int64_t unstorable = 0;
   std::string first;
-  for (std::int64_t j = 0; j < groups; ++j)
-    for (std::int64_t w = 0; w < out / per_word; ++w) {
-      std::uint32_t word = 0;
-      for (int k = 0; k < per_word; ++k) {
-        const std::int64_t o = w * per_word + k;
-        const cpu::IntGrid grid = u.grids[std::size_t(o * groups + j)];
-        scales[j * out + o] = to_f16(grid.scale);  // an f16 value already: exact
-        QLORA_CHECK(std::nearbyint(grid.zero) == grid.zero,
-                    "export to gptq: " + name + " has a fractional zero point " + std::to_string(grid.zero) + " (row " +
-                        std::to_string(o) + ", group " + std::to_string(j) + "; an adapter merged into the zeros): GPTQ "
-                        "stores integer zeros, so re-quantize the merged weights instead");
-        const double stored = double(grid.zero) - offset;
-        if (stored < 0 || stored > double(mask)) {
-          if (unstorable++ == 0) first = "row " + std::to_string(o) + ", group " + std::to_string(j);
-          continue;
-        }
-        word |= std::uint32_t(stored) << (bits * k);
-      }
-      qzeros[j * (out / per_word) + w] = std::bit_cast<std::int32_t>(word);
-    }
+  for (std::int64_t j = 0; j < groups; ++j) {
+    const auto stored_zero = [&](std::int64_t o) -> std::uint32_t {
+      const cpu::IntGrid grid = u.grids[std::size_t(o * groups + j)];
+      scales[j * out + o] = to_f16(grid.scale);  // an f16 value already: exact
+      QLORA_CHECK(std::nearbyint(grid.zero) == grid.zero,
+                  "export to gptq: " + name + " has a fractional zero point " + std::to_string(grid.zero) + " (row " +
+                      std::to_string(o) + ", group " + std::to_string(j) + "; an adapter merged into the zeros): GPTQ "
+                      "stores integer zeros, so re-quantize the merged weights instead");
+      const double stored = double(grid.zero) - offset;
+      if (stored >= 0 && stored <= double(mask)) return std::uint32_t(stored);
+      if (unstorable++ == 0) first = "row " + std::to_string(o) + ", group " + std::to_string(j);
+      return 0;
+    };
+    pack_gptq_bit_stream(out, bits, stored_zero, g.qzeros.data<std::int32_t>() + j * (out * bits / 32), 1);
+  }
   QLORA_CHECK(unstorable == 0,
               "export to gptq: " + name + " has " + std::to_string(unstorable) + " group(s) whose zero point " +
                   (offset == 1 ? "is 0, which checkpoint_format \"gptq\" (v1, stores zero - 1) cannot hold (first: "
