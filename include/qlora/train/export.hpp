@@ -348,7 +348,9 @@ inline GgufExportSummary export_gguf(models::llama::Model& model, const std::fil
   for (auto& [hf_name, tensor] : detail::merged_hf_tensors(model)) {
     const std::optional<std::string> gguf_name = io::hf_to_gguf_name(hf_name);
     QLORA_CHECK(gguf_name.has_value(), "export to gguf: no llama.cpp name for tensor " + hf_name);
-    const auto from_codes = std::find_if(exact.begin(), exact.end(), [&](const auto& e) { return e.first == hf_name; });
+    // (a named copy: clang before 16 cannot capture a structured binding in a lambda)
+    const std::string& name = hf_name;
+    const auto from_codes = std::find_if(exact.begin(), exact.end(), [&](const auto& e) { return e.first == name; });
     if (from_codes != exact.end()) {
       const Tensor blocks = interleave_rope_rows(hf_name, from_codes->second);
       const auto* bytes = reinterpret_cast<const std::byte*>(blocks.data<std::uint8_t>());
