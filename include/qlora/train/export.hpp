@@ -45,6 +45,28 @@ inline std::vector<const nn::Linear*> block_linears(models::llama::Model& model)
 // "model.layers.3.self_attn.q_proj" -> "q_proj".
 inline std::string short_name(const std::string& layer) { return layer.substr(layer.rfind('.') + 1); }
 
+// The tensors of a checkpoint whose block linears are stored in a quantized layout (a qlora quantized
+// directory, a GPTQ export), in HF order: the embedding, each block's two norms and `linear_tensors(linear)`
+// for its seven linears, the final norm and an untied head, the dense ones as `dense(t)`.
+template <class Dense, class LinearTensors>
+std::vector<std::pair<std::string, Tensor>> quantized_layout_tensors(models::llama::Model& model, Dense dense,
+                                                                     LinearTensors linear_tensors) {
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  tensors.emplace_back("model.embed_tokens.weight", dense(model.embedding()));
+  for (std::int64_t i = 0; i < model.num_layers(); ++i) {
+    auto& block = model.block(i);
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    tensors.emplace_back(p + "input_layernorm.weight", dense(block.input_norm()));
+    tensors.emplace_back(p + "post_attention_layernorm.weight", dense(block.post_norm()));
+    for (std::size_t k = 0; k < models::llama::all_block_linears().size(); ++k)
+      for (auto& entry : linear_tensors(block.linear(models::llama::DecoderBlock::Proj(k))))
+        tensors.push_back(std::move(entry));
+  }
+  tensors.emplace_back("model.norm.weight", dense(model.final_norm()));
+  if (!model.tied_head()) tensors.emplace_back("lm_head.weight", dense(model.head_weight()));
+  return tensors;
+}
+
 // Every tensor of the merged model under its HF name, in llama_tensor_specs() order (f32, CPU, HF q/k rows).
 inline std::vector<std::pair<std::string, Tensor>> merged_hf_tensors(models::llama::Model& model) {
   std::vector<std::pair<std::string, Tensor>> out;

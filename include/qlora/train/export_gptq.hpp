@@ -204,41 +204,30 @@ inline GptqExportResult export_gptq(models::llama::Model& model, const std::file
     QLORA_CHECK(refusal.empty(), "export to gptq: " + refusal);
   }
   const auto dense = [](const Tensor& t) { return t.to(Device::cpu()).to(DType::f32).to(DType::f16); };
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  tensors.emplace_back("model.embed_tokens.weight", dense(model.embedding()));
-  for (std::int64_t i = 0; i < model.num_layers(); ++i) {
-    auto& block = model.block(i);
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    tensors.emplace_back(p + "input_layernorm.weight", dense(block.input_norm()));
-    tensors.emplace_back(p + "post_attention_layernorm.weight", dense(block.post_norm()));
-    for (std::size_t k = 0; k < models::llama::all_block_linears().size(); ++k) {
-      const nn::Linear& linear = block.linear(models::llama::DecoderBlock::Proj(k));
-      quant::QuantizedTensor q;
-      if (options.requantize) {
-        q = quant::quantize(linear.merged_weight(DType::f32), *options.requantize);
-      } else {
-        const quant::QuantizedTensor* stored = linear.quantized_weight();
-        QLORA_CHECK(stored != nullptr, "export to gptq: " + linear.name() +
-                                           " has a dense base; name a format to RTN-quantize into (--quant intB-gG) or "
-                                           "export a directory written by qlora quantize");
-        QLORA_CHECK(linear.adapter_shape().kind == nn::AdapterKind::none,
-                    "export to gptq: " + linear.name() + " carries an adapter; GPTQ holds integer zeros, so the merged "
-                    "weights must be re-quantized (--quant intB-gG)");
-        q = *stored;
-        if (!format) format = q.config;
-        QLORA_CHECK(q.config.scheme == format->scheme && q.config.bits == format->bits && q.config.group == format->group,
-                    "export to gptq: " + linear.name() + " is " + q.config.name() + " but the other layers are " +
-                        format->name() + " (one quantize_config.json holds one format)");
-      }
-      const GptqLinear g = pack_gptq_linear(q, options.checkpoint_format, linear.name());
-      tensors.emplace_back(linear.name() + ".qweight", g.qweight);
-      tensors.emplace_back(linear.name() + ".qzeros", g.qzeros);
-      tensors.emplace_back(linear.name() + ".scales", g.scales);
-      tensors.emplace_back(linear.name() + ".g_idx", g.g_idx);
+  const auto tensors = detail::quantized_layout_tensors(model, dense, [&](const nn::Linear& linear) {
+    quant::QuantizedTensor q;
+    if (options.requantize) {
+      q = quant::quantize(linear.merged_weight(DType::f32), *options.requantize);
+    } else {
+      const quant::QuantizedTensor* stored = linear.quantized_weight();
+      QLORA_CHECK(stored != nullptr, "export to gptq: " + linear.name() +
+                                         " has a dense base; name a format to RTN-quantize into (--quant intB-gG) or "
+                                         "export a directory written by qlora quantize");
+      QLORA_CHECK(linear.adapter_shape().kind == nn::AdapterKind::none,
+                  "export to gptq: " + linear.name() + " carries an adapter; GPTQ holds integer zeros, so the merged "
+                  "weights must be re-quantized (--quant intB-gG)");
+      q = *stored;
+      if (!format) format = q.config;
+      QLORA_CHECK(q.config.scheme == format->scheme && q.config.bits == format->bits && q.config.group == format->group,
+                  "export to gptq: " + linear.name() + " is " + q.config.name() + " but the other layers are " +
+                      format->name() + " (one quantize_config.json holds one format)");
     }
-  }
-  tensors.emplace_back("model.norm.weight", dense(model.final_norm()));
-  if (!model.tied_head()) tensors.emplace_back("lm_head.weight", dense(model.head_weight()));
+    const GptqLinear g = pack_gptq_linear(q, options.checkpoint_format, linear.name());
+    return std::vector<std::pair<std::string, Tensor>>{{linear.name() + ".qweight", g.qweight},
+                                                       {linear.name() + ".qzeros", g.qzeros},
+                                                       {linear.name() + ".scales", g.scales},
+                                                       {linear.name() + ".g_idx", g.g_idx}};
+  });
   QLORA_CHECK(format.has_value(), "export to gptq: the model has no block linears");
   result.format = *format;
 

@@ -51,27 +51,16 @@ inline std::vector<std::string> export_quantized(models::llama::Model& model, co
   info.format.validate();
   const auto dense = [&](const Tensor& t) { return t.to(Device::cpu()).to(DType::f32).to(options.dense_dtype); };
 
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  tensors.emplace_back("model.embed_tokens.weight", dense(model.embedding()));
-  for (std::int64_t i = 0; i < model.num_layers(); ++i) {
-    auto& block = model.block(i);
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    tensors.emplace_back(p + "input_layernorm.weight", dense(block.input_norm()));
-    tensors.emplace_back(p + "post_attention_layernorm.weight", dense(block.post_norm()));
-    for (std::size_t k = 0; k < models::llama::all_block_linears().size(); ++k) {
-      const nn::Linear& linear = block.linear(models::llama::DecoderBlock::Proj(k));
-      const quant::QuantizedTensor* q = linear.quantized_weight();
-      QLORA_CHECK(q != nullptr, who + ": " + linear.name() + " has a dense base (quantize every block linear first)");
-      QLORA_CHECK(q->config == info.format, who + ": " + linear.name() + " is " + q->config.name() +
-                                                ", but the model is described as " + info.format.name());
-      QLORA_CHECK(linear.adapter_shape().kind == nn::AdapterKind::none,
-                  who + ": " + linear.name() + " carries an adapter; a quantized model directory holds the base only "
-                  "(export the adapter with --to peft)");
-      for (auto& entry : io::quantized_tensor_entries(linear.name(), *q)) tensors.push_back(std::move(entry));
-    }
-  }
-  tensors.emplace_back("model.norm.weight", dense(model.final_norm()));
-  if (!model.tied_head()) tensors.emplace_back("lm_head.weight", dense(model.head_weight()));
+  const auto tensors = detail::quantized_layout_tensors(model, dense, [&](const nn::Linear& linear) {
+    const quant::QuantizedTensor* q = linear.quantized_weight();
+    QLORA_CHECK(q != nullptr, who + ": " + linear.name() + " has a dense base (quantize every block linear first)");
+    QLORA_CHECK(q->config == info.format, who + ": " + linear.name() + " is " + q->config.name() +
+                                              ", but the model is described as " + info.format.name());
+    QLORA_CHECK(linear.adapter_shape().kind == nn::AdapterKind::none,
+                who + ": " + linear.name() + " carries an adapter; a quantized model directory holds the base only "
+                "(export the adapter with --to peft)");
+    return io::quantized_tensor_entries(linear.name(), *q);
+  });
 
   io::LlamaConfig config = model.config();
   config.torch_dtype = options.dense_dtype == DType::f32 ? "float32" : "float16";
