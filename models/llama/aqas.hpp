@@ -20,9 +20,18 @@
 //
 // The block's linears must be dense without adapters (PTQ runs before any adapter is attached); they are
 // rebuilt with nn::make_linear (their activation_bits kept) and swapped in with replace_linear.
+//
+// Across ranks (docs/distributed.md, "Block transforms"): each rank passes the block inputs of its own
+// windows only (window k on rank k % size, dist::ShardedRows' deal). Every statistic and objective of the
+// search is a sum over windows of per-window partials (quant/aqas.hpp, "Sums over the calibration
+// inputs"): each rank computes its windows' rows, the rows are exchanged exactly and added in window order
+// in double, so every rank gets one process's x_mag and err(a) bit for bit, picks the same scales and folds
+// them itself (the fold is deterministic: no weights are broadcast). One process is the world of one.
 
+#include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <initializer_list>
 #include <map>
 #include <optional>
@@ -30,6 +39,10 @@
 #include <vector>
 
 #include "qlora/core/error.hpp"
+#include "qlora/dist/communicator.hpp"
+#include "qlora/dist/fail_together.hpp"
+#include "qlora/dist/sharded_rows.hpp"
+#include "qlora/dist/single_process.hpp"
 #include "qlora/nn/linear_factory.hpp"
 #include "qlora/ops/elementwise.hpp"
 #include "qlora/quant/aqas.hpp"
@@ -117,6 +130,30 @@ class BlockSnapshot {
   std::array<int, DecoderBlock::kProjCount> bits_{};
 };
 
+// The search's quant::InputSums over the windows of every rank: this rank's rows are those of its windows
+// (`windows` in all, dealt as dist::ShardedRows deals them), computed inside dist::fail_together (a failure
+// on one rank stops every rank instead of leaving them in the exchange), exchanged exactly and summed in
+// window order. In a world of one: the rows summed in order, as quant::sum_in_input_order does.
+inline quant::InputSums window_sums(dist::Communicator& comm, std::int64_t windows) {
+  return [&comm, windows](std::size_t width, const quant::LocalRows& local_rows) {
+    dist::ShardedRows table(comm, windows, std::int64_t(width));
+    dist::fail_together(comm, [&] {
+      const std::vector<std::vector<double>> rows = local_rows();
+      const std::vector<std::int64_t> mine = table.my_items();
+      QLORA_CHECK(rows.size() == mine.size(), "apply_aqas: " + std::to_string(rows.size()) + " rows for rank " +
+                                                  std::to_string(comm.rank()) + "'s " + std::to_string(mine.size()) +
+                                                  " windows");
+      for (std::size_t i = 0; i < rows.size(); ++i) {
+        QLORA_CHECK(rows[i].size() == width, "apply_aqas: a row of " + std::to_string(rows[i].size()) +
+                                                 " values, expected " + std::to_string(width));
+        std::copy(rows[i].begin(), rows[i].end(), table.row(mine[i]));
+      }
+    });
+    table.exchange();
+    return table.column_sums();
+  };
+}
+
 }  // namespace detail
 
 // v -> o needs one scale per v output channel to be the scale of o's input channel: false under GQA.
@@ -161,27 +198,45 @@ inline void fold_scales(DecoderBlock& block, ScaleGroup group, const std::vector
 
 // Searches the four groups' scales on block_inputs ((batch, L, hidden) inputs of this block, in the
 // block's dtype on its device) and folds them. The calibration pipeline's BlockTransform hook.
-inline AqasReport apply_aqas(DecoderBlock& block, const std::vector<Tensor>& block_inputs, const AqasOptions& options) {
+// Collective over comm: block_inputs are this rank's windows' inputs, in window order (window k on rank
+// k % comm.size(); a rank may have none); every rank ends with the same block, one process's bit for bit.
+inline AqasReport apply_aqas(DecoderBlock& block, const std::vector<Tensor>& block_inputs, const AqasOptions& options,
+                             dist::Communicator& comm = dist::single_process()) {
   using P = DecoderBlock;
   const quant::ScaleSearchOptions search = options.search_options();
   search.validate();
-  QLORA_CHECK(!block_inputs.empty(), "apply_aqas: block " + std::to_string(block.index()) + " has no calibration inputs");
-  for (const Tensor& x : block_inputs)
-    QLORA_CHECK(x.defined() && x.rank() == 3, "apply_aqas: block inputs must be (batch, L, hidden), got " +
-                                                  (x.defined() ? x.str() : std::string("(undefined)")));
-  detail::BlockSnapshot original(block);  // also checks that every linear is dense
+  const auto windows = std::int64_t(comm.all_reduce_sum(double(block_inputs.size())));
+  QLORA_CHECK(windows > 0, "apply_aqas: block " + std::to_string(block.index()) + " has no calibration inputs");
+  const quant::InputSums sums = detail::window_sums(comm, windows);
 
-  // One forward of the original block: every linear's input, per calibration input.
+  // One forward of the original block: every linear's input, per calibration input; then the reference
+  // outputs of the attention and MLP objectives. Local work, so inside fail_together.
+  std::optional<detail::BlockSnapshot> snapshot;
   std::map<std::string, std::vector<Tensor>> seen;
+  std::vector<Tensor> attention_ref, mlp_ref;
   nn::Context ctx;
   ctx.training = false;
-  {
+  dist::fail_together(comm, [&] {
+    const auto mine = std::int64_t(dist::ShardedRows(comm, windows, 1).my_items().size());
+    QLORA_CHECK(std::int64_t(block_inputs.size()) == mine,
+                "apply_aqas: rank " + std::to_string(comm.rank()) + " holds " + std::to_string(block_inputs.size()) +
+                    " block inputs, but " + std::to_string(mine) + " of the " + std::to_string(windows) +
+                    " windows are its own (window k on rank k % " + std::to_string(comm.size()) + ")");
+    for (const Tensor& x : block_inputs)
+      QLORA_CHECK(x.defined() && x.rank() == 3, "apply_aqas: block inputs must be (batch, L, hidden), got " +
+                                                    (x.defined() ? x.str() : std::string("(undefined)")));
+    snapshot.emplace(block);  // also checks that every linear is dense
     nn::Context observe;
     observe.training = false;
     observe.observe_linear_input = [&](const std::string& name, const Tensor& x) { seen[name].push_back(x); };
     for (const Tensor& x : block_inputs) block.forward(observe, x);
-  }
-  const auto inputs_of = [&](P::Proj p) { return seen.at(block.linear(p).name()); };
+    for (const Tensor& x : seen[block.linear(P::o_proj).name()])
+      attention_ref.push_back(block.linear(P::o_proj).forward(ctx, x));
+    for (const Tensor& x : seen[block.linear(P::down_proj).name()])
+      mlp_ref.push_back(block.linear(P::down_proj).forward(ctx, x));
+  });
+  detail::BlockSnapshot& original = *snapshot;
+  const auto inputs_of = [&](P::Proj p) { return seen[block.linear(p).name()]; };  // empty on a rank without windows
   const auto weights_of = [&](std::initializer_list<P::Proj> projs) {
     std::vector<Tensor> w;
     for (P::Proj p : projs) w.push_back(original.weight(p));
@@ -192,8 +247,6 @@ inline AqasReport apply_aqas(DecoderBlock& block, const std::vector<Tensor>& blo
   AqasReport report;
   try {
     // q, k, v: the attention module's output, o(o_input), through the block's own forward.
-    std::vector<Tensor> attention_ref;
-    for (const Tensor& x : o_inputs) attention_ref.push_back(block.linear(P::o_proj).forward(ctx, x));
     const auto attention_error = [&](const quant::ScaleCandidate& c) {
       block.input_norm() = quant::scale_columns(original.input_norm(), detail::inverse(c.scales));
       const P::Proj members[] = {P::q_proj, P::k_proj, P::v_proj};  // the order of c.weights
@@ -204,37 +257,36 @@ inline AqasReport apply_aqas(DecoderBlock& block, const std::vector<Tensor>& blo
       eval.observe_linear_input = [&](const std::string& name, const Tensor& x) {
         if (name == block.linear(P::o_proj).name()) o_input = x;
       };
-      double sum = 0, count = 0;
+      std::vector<quant::InputError> errors;
       for (std::size_t b = 0; b < block_inputs.size(); ++b) {
         block.forward(eval, block_inputs[b]);
-        sum += quant::squared_difference(block.linear(P::o_proj).forward(ctx, o_input), attention_ref[b]);
-        count += double(attention_ref[b].numel());
+        errors.push_back({quant::squared_difference(block.linear(P::o_proj).forward(ctx, o_input), attention_ref[b]),
+                          double(attention_ref[b].numel())});
       }
-      return sum / count;
+      return errors;
     };
     report.qkv = quant::search_scales(weights_of({P::q_proj, P::k_proj, P::v_proj}), inputs_of(P::q_proj), search,
-                                      attention_error);
+                                      attention_error, sums);
     original.restore_norms();
     for (P::Proj p : {P::q_proj, P::k_proj, P::v_proj}) original.restore(p);
 
-    if (can_fold(block, ScaleGroup::v_to_o)) report.v_to_o = quant::search_scales(weights_of({P::o_proj}), o_inputs, search);
+    if (can_fold(block, ScaleGroup::v_to_o))
+      report.v_to_o = quant::search_scales(weights_of({P::o_proj}), o_inputs, search, {}, sums);
 
     // gate, up: the MLP's output down(silu(gate(x)) * up(x)), from the observed gate_proj input.
-    std::vector<Tensor> mlp_ref;
-    for (const Tensor& x : down_inputs) mlp_ref.push_back(block.linear(P::down_proj).forward(ctx, x));
     const std::vector<Tensor> mlp_inputs = inputs_of(P::gate_proj);
     const auto mlp_error = [&](const quant::ScaleCandidate& c) {
-      double sum = 0, count = 0;
+      std::vector<quant::InputError> errors;
       for (std::size_t b = 0; b < mlp_inputs.size(); ++b) {
         const Tensor x = c.scaled_input(mlp_inputs[b]);
         const Tensor hidden = ops::swiglu(ops::matmul(x, c.weights[0], false, true), ops::matmul(x, c.weights[1], false, true));
-        sum += quant::squared_difference(block.linear(P::down_proj).forward(ctx, hidden), mlp_ref[b]);
-        count += double(mlp_ref[b].numel());
+        errors.push_back({quant::squared_difference(block.linear(P::down_proj).forward(ctx, hidden), mlp_ref[b]),
+                          double(mlp_ref[b].numel())});
       }
-      return sum / count;
+      return errors;
     };
-    report.gate_up = quant::search_scales(weights_of({P::gate_proj, P::up_proj}), mlp_inputs, search, mlp_error);
-    report.up_to_down = quant::search_scales(weights_of({P::down_proj}), down_inputs, search);
+    report.gate_up = quant::search_scales(weights_of({P::gate_proj, P::up_proj}), mlp_inputs, search, mlp_error, sums);
+    report.up_to_down = quant::search_scales(weights_of({P::down_proj}), down_inputs, search, {}, sums);
   } catch (...) {
     original.restore_norms();
     for (int p = 0; p < P::kProjCount; ++p) original.restore(P::Proj(p));

@@ -10,7 +10,7 @@
 // is shrunk, with a warning, to the model's context or to what the text can give.
 //
 // The sequential pass. Every window is embedded; then block by block:
-//   1. the BlockTransform (AWQ / AQAS scaling) sees the block's inputs;
+//   1. the BlockTransform (AWQ / AQAS scaling) sees the block's inputs (this rank's windows');
 //   2. for each true-sequential group [q,k,v] -> [o] -> [gate,up] -> [down] (or all seven at once), the
 //      block runs over every window, one window at a time, and Context::observe_linear_input feeds each
 //      group member's GramAccumulator (H = X^T X / N, streaming: memory does not grow with N); then the
@@ -28,8 +28,9 @@
 // does not show, bar an element within 1e-16 of an f32 rounding midpoint; on CUDA, to f32 rounding). Each
 // solve runs once, on one rank (member j of the group on rank j % size), and its QuantizedTensor is
 // broadcast byte for byte: every rank installs the same codes, and the group's independent solves run in
-// parallel. A BlockTransform runs on rank 0 over every window's block input (broadcast from the ranks that
-// computed them) and its result, the norms and dense linears, is broadcast. Local work between collectives runs in dist::fail_together, so a
+// parallel. A BlockTransform runs on every rank with that rank's windows' block inputs only; apply_aqas
+// exchanges its per-window statistics and errors exactly, so every rank picks one process's scales and folds
+// them itself (models/llama/aqas.hpp). Local work between collectives runs in dist::fail_together, so a
 // failure on one rank stops all of them instead of leaving them waiting.
 
 #include <chrono>
@@ -131,9 +132,13 @@ inline CalibrationSet calibration_windows(const io::Tokenizer& tokenizer, const 
 // undefined for methods without calibration) -> the quantized weight.
 using LayerQuantizer =
     std::function<quant::QuantizedTensor(const std::string& layer, const Tensor& weight, const Tensor& gram)>;
-// A per-block transform run before the block's linears are quantized (AWQ / AQAS scaling), with the
-// block's inputs, one (1, L, hidden) tensor per window on the model's device.
-using BlockTransform = std::function<void(DecoderBlock& block, const std::vector<Tensor>& block_inputs)>;
+// A per-block transform run before the block's linears are quantized (AWQ / AQAS scaling), with the block's
+// inputs of this rank's windows (window k on rank k % comm.size(), dist::ShardedRows' deal; all of them in a
+// world of one), one (1, L, hidden) tensor per window in window order, on the model's device. Collective:
+// every rank calls it; it must leave the block identical on every rank and fail alike on every rank
+// (apply_aqas does both: see models/llama/aqas.hpp).
+using BlockTransform =
+    std::function<void(DecoderBlock& block, const std::vector<Tensor>& block_inputs, dist::Communicator& comm)>;
 // One line per quantized layer ("block 3/32 q_proj: 1.2 s").
 using CalibrationProgress = std::function<void(const std::string& line)>;
 
@@ -184,14 +189,6 @@ inline void install_quantized(DecoderBlock& block, Proj p, const quant::Quantize
 
 // ---- collectives of the distributed pass (identities in a world of one) ----
 
-// t = root's t on every rank, for a tensor on any device (the host communicator carries it).
-inline void broadcast_via_host(dist::Communicator& comm, Tensor& t, int root) {
-  if (t.device().is_cpu()) return comm.broadcast_(t, root);
-  Tensor host = t.to(Device::cpu());
-  comm.broadcast_(host, root);
-  t.copy_from(host);
-}
-
 // The members of a QuantizedTensor, in QuantizedTensor::to's order.
 inline std::vector<Tensor*> quantized_members(quant::QuantizedTensor& q) {
   return {&q.codes, &q.scales, &q.zeros, &q.absmax_codes, &q.absmax_scales};
@@ -241,42 +238,6 @@ inline void broadcast_quantized(dist::Communicator& comm, quant::QuantizedTensor
   }
   for (Tensor* t : quantized_members(q))
     if (t->defined()) comm.broadcast_(*t, root);
-}
-
-// Every window's block input on every rank, in window order (each broadcast by the rank that computed it);
-// `mine` are this rank's own, in window order. Block inputs are (batch, seq, hidden) in the model's dtype.
-inline std::vector<Tensor> all_block_inputs(dist::Communicator& comm, const dist::ShardedRows& deal,
-                                            const std::vector<Tensor>& windows, const std::vector<Tensor>& mine,
-                                            const Model& model) {
-  if (comm.size() == 1) return mine;
-  std::vector<Tensor> all;
-  std::size_t next = 0;
-  for (std::int64_t k = 0; k < deal.items(); ++k) {
-    const Tensor& w = windows[std::size_t(k)];
-    Tensor x = deal.mine(k) ? mine[next++]
-                            : Tensor::empty(Shape{w.dim(0), w.dim(1), model.config().hidden_size}, model.dtype(),
-                                            model.device());
-    broadcast_via_host(comm, x, deal.owner(k));
-    all.push_back(std::move(x));
-  }
-  return all;
-}
-
-// After a BlockTransform ran on `root` alone: every rank takes root's norms and dense linears (weights and
-// activation bits). The linears must be dense, as the transforms (AWQ / AQAS) require.
-inline void broadcast_dense_block(dist::Communicator& comm, DecoderBlock& block, int root) {
-  if (comm.size() == 1) return;
-  broadcast_via_host(comm, block.input_norm(), root);
-  broadcast_via_host(comm, block.post_norm(), root);
-  std::vector<std::int32_t> bits;
-  for (int p = 0; p < DecoderBlock::kProjCount; ++p) bits.push_back(block.linear(Proj(p)).activation_bits());
-  Tensor bits_tensor = Tensor::from(bits, Shape{DecoderBlock::kProjCount});
-  comm.broadcast_(bits_tensor, root);
-  for (int p = 0; p < DecoderBlock::kProjCount; ++p) {
-    Tensor w = dense_weight(block, Proj(p), "distributed calibration").clone();
-    broadcast_via_host(comm, w, root);
-    if (comm.rank() != root) replace_dense(block, Proj(p), std::move(w), bits_tensor.data<std::int32_t>()[p]);
-  }
 }
 
 // The Grams of one group over every rank's rows: one all-reduce of the raw sums X^T X packed end to end (in
@@ -391,12 +352,10 @@ inline QuantizationSummary quantize_model_sequential(Model& model, const std::ve
     DecoderBlock& block = model.block(i);
     const std::string where = "block " + std::to_string(i + 1) + "/" + std::to_string(n_blocks);
     if (transform) {
+      // Every rank on its own windows. The transform's own collectives share its failures; fail_together
+      // also stops every rank when a transform without collectives throws on one of them.
       const auto tt = std::chrono::steady_clock::now();
-      const std::vector<Tensor> every_input = detail::all_block_inputs(comm, deal, windows, inputs, model);
-      dist::fail_together(comm, [&] {
-        if (comm.is_root()) transform(block, every_input);
-      });
-      detail::broadcast_dense_block(comm, block, 0);
+      dist::fail_together(comm, [&] { transform(block, inputs, comm); });
       if (progress) progress(where + " transform: " + detail::seconds_text(detail::seconds_since(tt)));
     }
     for (const std::vector<detail::Proj>& group : detail::sequential_groups(options.true_sequential)) {

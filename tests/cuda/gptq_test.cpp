@@ -60,17 +60,21 @@ TEST_CASE("cuda gptq: the GPU column loop matches the CPU path") {
     std::string name;
     bool act_order, static_groups;
     std::int64_t block;
+    double grid_shrink = 1.0;  // MagR's beta
   };
   for (const Case& c : {Case{"int4-g128", false, false, 128}, Case{"int3-g0", true, false, 128},
                         Case{"int2-g64", false, false, 48}, Case{"int4-g32-sym", false, true, 128},
                         Case{"dint4-g64-fz", true, true, 64}, Case{"nf4", false, false, 128},
-                        Case{"int4-g32-mse", false, false, 128}}) {
+                        Case{"int4-g32-mse", false, false, 128}, Case{"int3-g0", false, false, 128, 0.9},
+                        Case{"int2-g64", false, false, 48, 0.8}, Case{"dint4-g32", true, true, 64, 0.95}}) {
     CAPTURE(c.name);
+    CAPTURE(c.grid_shrink);
     const quant::QuantConfig cfg = quant::QuantConfig::parse(c.name);
     quant::GptqOptions opt;
     opt.act_order = c.act_order;
     opt.static_groups = c.static_groups;
     opt.block_size = c.block;
+    opt.grid_shrink = c.grid_shrink;
     const quant::QuantizedTensor on_cpu = quant::gptq_quantize(w, h, cfg, opt);
     opt.device = Device::cuda(0);
     const quant::QuantizedTensor on_gpu = quant::gptq_quantize(w, h, cfg, opt);
@@ -78,7 +82,7 @@ TEST_CASE("cuda gptq: the GPU column loop matches the CPU path") {
     const auto a = unpacked_codes(on_cpu), b = unpacked_codes(on_gpu);
     std::int64_t differ = 0;
     for (std::size_t i = 0; i < a.size(); ++i) differ += a[i] != b[i];
-    MESSAGE(c.name << ": " << differ << " of " << a.size() << " codes differ");
+    MESSAGE(c.name << " (grid shrink " << c.grid_shrink << "): " << differ << " of " << a.size() << " codes differ");
     CHECK(double(differ) <= 0.002 * double(a.size()));
     const double e_cpu = quant::layer_output_error(w, quant::dequantize(on_cpu), h);
     const double e_gpu = quant::layer_output_error(w, quant::dequantize(on_gpu), h);

@@ -102,8 +102,10 @@ TEST_CASE("cuda train::AdamW: one fused step per update matches train::AdamW on 
   std::vector<Param*> cpu_params, gpu_params;
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     const Tensor value = Tensor::from(random_vector<float>(std::size_t(sizes[i]), 400 + i), {sizes[i]});
-    cpu_owned.push_back(std::make_unique<Param>("p" + std::to_string(i), value.clone()));
-    gpu_owned.push_back(std::make_unique<Param>("p" + std::to_string(i), value.to(Device::cuda(0))));
+    std::string name = "p";  // appended, not "p" + to_string(i): GCC 12 reports a false -Wrestrict on that
+    name += std::to_string(i);
+    cpu_owned.push_back(std::make_unique<Param>(name, value.clone()));
+    gpu_owned.push_back(std::make_unique<Param>(name, value.to(Device::cuda(0))));
     cpu_params.push_back(cpu_owned.back().get());
     gpu_params.push_back(gpu_owned.back().get());
   }

@@ -220,7 +220,8 @@ TEST_CASE("calibration: a near-identity quantizer (int8) leaves the logits close
   ml::Model model = tiny_model();
   RecordingQuantizer rec{quant::QuantConfig::parse("int8-g16")};
   std::vector<std::int64_t> transformed;
-  const ml::BlockTransform transform = [&](ml::DecoderBlock& block, const std::vector<Tensor>& inputs) {
+  const ml::BlockTransform transform = [&](ml::DecoderBlock& block, const std::vector<Tensor>& inputs,
+                                           dist::Communicator&) {
     CHECK(inputs.size() == windows.size());
     CHECK(inputs[0].shape() == Shape{1, 8, 16});
     transformed.push_back(block.index());

@@ -15,6 +15,7 @@
 #include "qlora/quant/gptq.hpp"
 #include "qlora/quant/gram.hpp"
 #include "qlora/quant/layer_error.hpp"
+#include "qlora/quant/magr.hpp"
 #include "qlora/quant/quant.hpp"
 #include "support/files.hpp"
 #include "support/random.hpp"
@@ -98,7 +99,8 @@ std::vector<std::uint8_t> unpacked_codes(const QuantizedTensor& q) {
 // W[:, j] -= (w - q) Hinv[q, j] / Hinv[q, q], then remove q from the inverse:
 // Hinv -= Hinv[:, q] Hinv[q, :] / Hinv[q, q]. Group grids are fitted (with the library's grid functions)
 // on the updated weights when the loop reaches the group's first column; group 0 from the original W.
-std::vector<std::uint8_t> obq_codes(const Tensor& w, const Tensor& h, const QuantConfig& cfg, double damp) {
+std::vector<std::uint8_t> obq_codes(const Tensor& w, const Tensor& h, const QuantConfig& cfg, double damp,
+                                    double grid_shrink = 1.0) {
   const std::int64_t rows = w.dim(0), cols = w.dim(1);
   Eigen::MatrixXd wm(rows, cols), hm(cols, cols);
   for (std::int64_t r = 0; r < rows; ++r)
@@ -107,7 +109,7 @@ std::vector<std::uint8_t> obq_codes(const Tensor& w, const Tensor& h, const Quan
     for (std::int64_t b = 0; b < cols; ++b) hm(a, b) = h.data<float>()[a * cols + b];
   hm.diagonal().array() += damp * hm.diagonal().mean();
   Eigen::MatrixXd hinv = hm.inverse();
-  const qlora::cpu::GptqGridFormat f = qlora::quant::detail::gptq_grid_format(cfg);
+  const qlora::cpu::GptqGridFormat f = qlora::quant::detail::gptq_grid_format(cfg, grid_shrink);
   const std::int64_t group = cfg.group == 0 ? cols : cfg.group;
   std::vector<qlora::cpu::IntGrid> grid(static_cast<std::size_t>(rows));
   std::vector<std::uint8_t> codes(std::size_t(rows * cols));
@@ -150,6 +152,31 @@ TEST_CASE("quant gptq: with H = I, GPTQ is RTN (same codes, scales, zeros, absma
     opt.act_order = true;  // equal diagonal: the stable order is the identity
     opt.block_size = 7;
     check_identical(qlora::quant::gptq_quantize(w, h, cfg, opt), rtn);
+  }
+}
+
+TEST_CASE("quant gptq: with H = I and MagR's grid shrink, GPTQ is MagR's shrunk RTN") {
+  // magr.md: after MagR, optq.py fits find_params with beta, per channel or per group inside GPTQ. With H = I
+  // nothing is updated, so every grid GPTQ fits (per channel up front, static, or in the loop) must be
+  // magr_rtn_quantize's for the same beta, whose grid test is in magr_test.cpp.
+  const Tensor w = random_weight(24, 200, 13);
+  const Tensor h = identity(200);
+  for (const std::string name : {"int4-g64", "int3-g0", "int2-g32-sym", "int4-g128-fz", "dint4-g32", "int2-g0"}) {
+    for (const double beta : {0.8, 0.95}) {
+      CAPTURE(name);
+      CAPTURE(beta);
+      const QuantConfig cfg = QuantConfig::parse(name);
+      const QuantizedTensor shrunk_rtn = qlora::quant::magr_rtn_quantize(w, cfg, beta);
+      GptqOptions opt;
+      opt.grid_shrink = beta;
+      const QuantizedTensor q = qlora::quant::gptq_quantize(w, h, cfg, opt);
+      check_identical(q, shrunk_rtn);
+      CHECK_FALSE(same_bytes(q.scales, qlora::quant::quantize(w, cfg).scales));  // the shrink reached the grids
+      opt.static_groups = true;
+      opt.act_order = true;
+      opt.block_size = 7;
+      check_identical(qlora::quant::gptq_quantize(w, h, cfg, opt), shrunk_rtn);
+    }
   }
 }
 
@@ -295,6 +322,17 @@ TEST_CASE("quant gptq: equal codes to an independent float64 OBQ recursion on a 
     const auto codes = unpacked_codes(qlora::quant::gptq_quantize(w, h, cfg, opt));
     CHECK(codes == obq_codes(w, h, cfg, opt.damp));
   }
+  // MagR's shrunk grids, fitted in the loop from the updated weights (groups) or up front (group 0).
+  for (const std::string name : {"int3-g16", "int2-g0", "dint4-g16"}) {
+    CAPTURE(name);
+    const QuantConfig cfg = QuantConfig::parse(name);
+    GptqOptions opt;
+    opt.block_size = 20;
+    opt.grid_shrink = 0.85;
+    const auto codes = unpacked_codes(qlora::quant::gptq_quantize(w, h, cfg, opt));
+    CHECK(codes == obq_codes(w, h, cfg, opt.damp, 0.85));
+    CHECK(codes != obq_codes(w, h, cfg, opt.damp));
+  }
 }
 
 TEST_CASE("quant gptq: bad input gives one clear error") {
@@ -336,6 +374,18 @@ TEST_CASE("quant gptq: bad input gives one clear error") {
   opt = {};
   opt.damp = -0.1;
   CHECK(error_of([&] { qlora::quant::gptq_quantize(w, h, cfg, opt); }).find("damp must be") != std::string::npos);
+  for (const double beta : {0.0, 1.5, double(NAN)}) {
+    opt = {};
+    opt.grid_shrink = beta;
+    CHECK(error_of([&] { qlora::quant::gptq_quantize(w, h, cfg, opt); }).find("grid_shrink (MagR's beta) must be in (0, 1]") !=
+          std::string::npos);
+  }
+  opt = {};
+  opt.grid_shrink = 0.9;
+  CHECK(error_of([&] { qlora::quant::gptq_quantize(w, h, QuantConfig::parse("nf4-g16"), opt); }).find("NF4 has none") !=
+        std::string::npos);
+  CHECK(error_of([&] { qlora::quant::gptq_quantize(w, h, QuantConfig::parse("int4-g16-mse"), opt); }).find("drop -mse") !=
+        std::string::npos);
 #if !defined(QLORA_WITH_CUDA)
   opt = {};
   opt.device = qlora::Device::cuda(0);

@@ -235,13 +235,26 @@ TEST_CASE("quant magr: lower max|w| per channel, nearly the same outputs, MagR +
     MESSAGE(std::string(name) << ": MagR(group 128) + RTN(beta 0.95) / RTN " << e_magr / e_rtn);
     CHECK(e_magr < e_rtn);
   }
-  for (const char* name : {"int3-g0", "int2-g0"}) {
+  // MagR + GPTQ (optq.py after MagR: GPTQ on Wm with beta-shrunk grids). magr.md's table, relative to RTN(W) at
+  // 4 / 3 / 2 bits: GPTQ(W) 0.075 / 0.085 / 0.168, GPTQ(W) with beta 0.075 / 0.107 / 0.190, MagR + GPTQ(beta)
+  // 0.067 / 0.040 / 0.079. Checked here: MagR + GPTQ(beta) below GPTQ(W) at every width, by 0.8 at 3 and 2
+  // bits (the method file has 0.47 and 0.47; this toy gives 0.54 and 0.47). Whether beta alone helps GPTQ
+  // depends on the problem (the method file: worse at 3 and 2 bits; this toy: worse at 3, better at 2).
+  for (const char* name : {"int4-g0", "int3-g0", "int2-g0"}) {
     CAPTURE(std::string(name));
     const QuantConfig cfg = QuantConfig::parse(name);
+    qlora::quant::GptqOptions shrunk;
+    shrunk.grid_shrink = qlora::quant::magr_default_beta(cfg);
+    const double e_rtn = error_of_q(p, qlora::quant::quantize(p.w, cfg));
     const double e_gptq = error_of_q(p, qlora::quant::gptq_quantize(p.w, p.h, cfg));
-    const double e_magr_gptq = error_of_q(p, qlora::quant::gptq_quantize(wm, p.h, cfg));
-    MESSAGE(std::string(name) << ": GPTQ(W) " << e_gptq << ", GPTQ(MagR W) " << e_magr_gptq << " (beta 1: GPTQ fits its own grids)");
-    CHECK(e_magr_gptq < 0.8 * e_gptq);  // magr.md: MagR + GPTQ 0.47x / 0.47x of GPTQ at 3 / 2 bits (with beta)
+    const double e_gptq_beta = error_of_q(p, qlora::quant::gptq_quantize(p.w, p.h, cfg, shrunk));
+    const double e_magr_gptq_plain = error_of_q(p, qlora::quant::gptq_quantize(wm, p.h, cfg));
+    const double e_magr_gptq = error_of_q(p, qlora::quant::gptq_quantize(wm, p.h, cfg, shrunk));
+    MESSAGE(std::string(name) << " (beta " << shrunk.grid_shrink << "): error / RTN: GPTQ(W) " << e_gptq / e_rtn
+                 << ", GPTQ(W, beta) " << e_gptq_beta / e_rtn << ", MagR + GPTQ(beta 1) " << e_magr_gptq_plain / e_rtn
+                 << ", MagR + GPTQ(beta) " << e_magr_gptq / e_rtn);
+    CHECK(e_magr_gptq < e_gptq);
+    if (cfg.bits < 4) CHECK(e_magr_gptq < 0.8 * e_gptq);
   }
 }
 

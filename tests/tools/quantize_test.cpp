@@ -126,14 +126,17 @@ TEST_CASE("qlora quantize: gptq, comq, awq, aqas and --magr run end to end (tiny
               .status == 0);
   const double rtn_ppl = std::stod(ppl_of(rtn.string() + common));
   const double fp_ppl = std::stod(ppl_of(f.model.string() + common));
-  for (const auto& [flags, method, act_bits] :
-       {std::tuple<std::string, std::string, int>{"--method gptq", "gptq", 0},
-        {"--method gptq --act-order", "gptq", 0},
-        {"--method comq", "comq", 0},
-        {"--method awq", "awq", 0},
-        {"--method aqas", "aqas", 8},
-        {"--method rtn --magr", "rtn", 0},
-        {"--method gptq --magr", "gptq", 0}}) {
+  // magr_beta: MagR's grid shrink recorded in method_options (0: not MagR); 3 bits, group 32 default to 0.9.
+  for (const auto& [flags, method, act_bits, magr_beta] :
+       {std::tuple<std::string, std::string, int, double>{"--method gptq", "gptq", 0, 0},
+        {"--method gptq --act-order", "gptq", 0, 0},
+        {"--method comq", "comq", 0, 0},
+        {"--method awq", "awq", 0, 0},
+        {"--method aqas", "aqas", 8, 0},
+        {"--method rtn --magr", "rtn", 0, 0.9},
+        {"--method gptq --magr", "gptq", 0, 0.9},
+        {"--method gptq --magr --magr-beta 0.85", "gptq", 0, 0.85},
+        {"--method comq --magr", "comq", 0, 1.0}}) {
     CAPTURE(flags);
     const fs::path out = test::fresh_output_path("quantize-cal");
     const test::ToolResult q = test::run_qlora("quantize " + f.model.string() + " " + flags + " --bits 3 --group 32 --calib " +
@@ -144,6 +147,9 @@ TEST_CASE("qlora quantize: gptq, comq, awq, aqas and --magr run end to end (tiny
     CHECK(config["quantization_config"]["method"] == method);
     CHECK(config["quantization_config"]["act_bits"] == act_bits);
     CHECK(config["quantization_config"]["calibration"]["seq_len"] == 32);
+    const auto& options = config["quantization_config"]["method_options"];
+    CHECK(options.contains("magr_beta") == (magr_beta != 0));
+    if (magr_beta != 0) CHECK(options["magr_beta"].get<double>() == magr_beta);
     const double ppl = std::stod(ppl_of(out.string() + common));
     CHECK(std::isfinite(ppl));
     CHECK(ppl > 0.5 * fp_ppl);
@@ -185,6 +191,11 @@ TEST_CASE("qlora quantize: bad flags are refused with one clear line") {
   };
   refused(model + " --method rtn --magr --out " + out.string(), "method rtn with --magr needs calibration text");
   refused(model + " --method round --out " + out.string(), "--method 'round' is not a quantization method");
+  refused(model + " --method gptq --magr-beta 0.9 --out " + out.string(), "--magr-beta needs --magr");
+  refused(model + " --method gptq --magr --magr-beta 1.5 --out " + out.string(), "--magr-beta must be in (0, 1]");
+  refused(model + " --method comq --magr --magr-beta 0.9 --out " + out.string(), "--magr-beta applies to --method rtn and gptq");
+  refused(model + " --method gptq --magr --format int4-g32-mse --magr-beta 0.9 --out " + out.string(),
+          "--format int4-g32-mse has none");
   refused(model + " --method rtn --format int5-g32 --out " + out.string(), "unknown quantization format 'int5-g32'");
   refused(model + " --method rtn --bits 4 --group 48 --out " + out.string(), "unsupported group size 48");
   refused(model + " --method nf4 --bits 3 --out " + out.string(), "--method nf4 has 4 bits");

@@ -1,4 +1,4 @@
-// qlora quantize MODEL --method rtn|nf4|gptq|comq|awq|aqas [--magr] [--bits B] [--group G] [--sym]
+// qlora quantize MODEL --method rtn|nf4|gptq|comq|awq|aqas [--magr [--magr-beta B]] [--bits B] [--group G] [--sym]
 //                      [--format NAME] [--act-bits 8] [--calib FILE] [--calib-samples N] [--calib-seq-len L]
 //                      [--seed S] [--damp D] [--act-order] [--device cpu|cuda] --out DIR
 // Post-training quantization of every block linear into a quantized model directory that eval, generate,
@@ -33,7 +33,7 @@ struct QuantizeFlags {
   bool group_given = false, sym = false, magr = false, act_order = false, no_true_sequential = false, json = false;
   std::int64_t calib_samples = 128, calib_seq_len = 2048;
   std::uint64_t seed = 0;
-  double damp = 0.01;
+  double damp = 0.01, magr_beta = 0;  // 0: MagR's default beta for the format
 };
 
 // --format wins; otherwise the method's format family with --bits / --group / --sym.
@@ -73,6 +73,8 @@ void run_quantize(const QuantizeFlags& f) {
     if (!method->make_quantizer) throw Error("method " + method->name + " is not available in this build");
     settings.emplace(PtqSettings{format_of(f, *method), f.damp, f.act_order, f.act_bits, rank_device(f.device)});
     calibrated = method->calibrated || f.magr;  // MagR needs each layer's H
+    if (f.magr_beta != 0 && !f.magr) throw Error("--magr-beta needs --magr");
+    if (f.magr) settings->grid_shrink = magr_grid_shrink(*method, settings->format, f.magr_beta);
     if (method->nf4_only && settings->format.scheme != quant::Scheme::nf4)
       throw Error("--method nf4 stores NF4; --format " + settings->format.name() + " is not (use --method rtn)");
     if (f.act_bits != 0 && f.act_bits != 8) throw Error("--act-bits must be 0 or 8, got " + std::to_string(f.act_bits));
@@ -103,7 +105,7 @@ void run_quantize(const QuantizeFlags& f) {
   ml::Model& model = *loaded;
 
   ml::LayerQuantizer quantizer = method->make_quantizer(*settings);
-  if (f.magr) quantizer = with_magr(std::move(quantizer), *settings, method->name == "rtn");
+  if (f.magr) quantizer = with_magr(std::move(quantizer), *settings);
   const auto progress = [&](const std::string& line) {
     if (root && !f.json) fmt::print(stderr, "{}\n", line);
   };
@@ -116,6 +118,7 @@ void run_quantize(const QuantizeFlags& f) {
   ml::QuantizationSummary summary;
   if (calibrated) {
     info.method_options = {{"damp", f.damp}, {"act_order", f.act_order}, {"true_sequential", !f.no_true_sequential}};
+    if (f.magr) info.method_options["magr_beta"] = settings->grid_shrink;
     if (root)
       for (const std::string& w : calib->warnings) fmt::print(stderr, "warning: {}\n", w);
     if (root && comm->size() > 1 && !f.json)
@@ -187,6 +190,9 @@ void register_quantize(CLI::App& app) {
   cmd->add_option("--format", f->format, "Stored format, overriding --bits/--group/--sym (e.g. int4-g128, dint4-g128, "
                                          "int4-g128-fz, nf4)");
   cmd->add_flag("--magr", f->magr, "MagR preprocessing before the quantizer");
+  cmd->add_option("--magr-beta", f->magr_beta,
+                  "MagR's grid shrink for rtn and gptq, in (0, 1]; default by format: 1.0 / 0.9 / 0.8 at 4 / 3 / 2 "
+                  "bits, 0.95 at group 128, 1.0 at group 64");
   cmd->add_option("--act-bits", f->act_bits, "Activation bits recorded for W4A8 (0 or 8)")->capture_default_str();
   cmd->add_option("--calib", f->calib, "Calibration text (plain text, or JSONL of {\"text\"}) for calibrated methods");
   cmd->add_option("--calib-samples", f->calib_samples, "Calibration windows")->capture_default_str();

@@ -40,11 +40,13 @@ struct GptqGridFormat {
   IntKind kind = IntKind::asym;  // int / dint
   int bits = 4;
   bool mse_search = false;
+  float range_shrink = 1.f;  // MagR's beta: each int grid's top moved to lo + beta (hi - lo) (int_group_grid)
 };
 
-// The grid of a group of n values: RTN's (int_group_grid, or the NF4 absmax of quantize_nf4_block).
+// The grid of a group of n values: RTN's (int_group_grid, possibly MagR-shrunk, or the NF4 absmax of
+// quantize_nf4_block).
 QLORA_HD IntGrid gptq_fit_grid(const GptqGridFormat& f, const float* w, std::int64_t n) {
-  if (!f.nf4) return int_group_grid(f.kind, f.bits, f.mse_search, w, n);
+  if (!f.nf4) return int_group_grid(f.kind, f.bits, f.mse_search, w, n, f.range_shrink);
   float c = 0.f;
   for (std::int64_t j = 0; j < n; ++j) c = std::max(c, std::fabs(w[j]));
   return IntGrid{c, 0.f};

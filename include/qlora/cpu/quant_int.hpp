@@ -145,8 +145,13 @@ QLORA_HD IntGrid int_grid_mse_search(IntKind kind, int bits, const float* w, std
   return best;
 }
 
-// The grid of one group of n values (plain or MSE-searched): what RTN and GPTQ fit to a group.
-QLORA_HD IntGrid int_group_grid(IntKind kind, int bits, bool mse_search, const float* w, std::int64_t n) {
+// The grid of one group of n values: what RTN and GPTQ fit to a group. Plain; MSE-searched; or, with
+// range_shrink = beta < 1, MagR's grid (magr.md, its quant.py): the top of [lo, hi] moved to
+// lo + beta (hi - lo), i.e. scale = beta (hi - lo) / qmax and zero = round(-lo / scale), values above the
+// new top clamping to the last code. The search and the shrink are alternatives (callers refuse both);
+// beta = 1 is the plain grid exactly (lo + (hi - lo) need not round back to hi, so it is not computed).
+QLORA_HD IntGrid int_group_grid(IntKind kind, int bits, bool mse_search, const float* w, std::int64_t n,
+                                float range_shrink = 1.f) {
   float min = w[0], max = w[0];
   for (std::int64_t j = 1; j < n; ++j) {
     min = std::min(min, w[j]);
@@ -154,13 +159,15 @@ QLORA_HD IntGrid int_group_grid(IntKind kind, int bits, bool mse_search, const f
   }
   float lo, hi;
   int_range(kind, min, max, lo, hi);
-  return mse_search ? int_grid_mse_search(kind, bits, w, n, lo, hi) : int_grid_from_range(kind, bits, lo, hi);
+  if (mse_search) return int_grid_mse_search(kind, bits, w, n, lo, hi);
+  if (range_shrink != 1.f) hi = add_rn(lo, mul_rn(range_shrink, hi - lo));
+  return int_grid_from_range(kind, bits, lo, hi);
 }
 
-// Quantizes one group of n values: its grid (plain or MSE-searched) and its n codes (unpacked).
+// Quantizes one group of n values: its grid (int_group_grid) and its n codes (unpacked).
 QLORA_HD IntGrid quantize_int_group(IntKind kind, int bits, bool mse_search, const float* w, std::int64_t n,
-                                  std::uint8_t* codes) {
-  const IntGrid g = int_group_grid(kind, bits, mse_search, w, n);
+                                  std::uint8_t* codes, float range_shrink = 1.f) {
+  const IntGrid g = int_group_grid(kind, bits, mse_search, w, n, range_shrink);
   for (std::int64_t j = 0; j < n; ++j) codes[j] = encode_int(kind, bits, w[j], g);
   return g;
 }

@@ -30,6 +30,12 @@ class ShardedRows {
   // The rank that computes item i, and whether that is this one.
   int owner(std::int64_t item) const { return int(item % comm_.size()); }
   bool mine(std::int64_t item) const { return owner(item) == comm_.rank(); }
+  // This rank's items in item order (rank, rank + size, ...): where the i-th of its local results goes.
+  std::vector<std::int64_t> my_items() const {
+    std::vector<std::int64_t> out;
+    for (std::int64_t i = comm_.rank(); i < items_; i += comm_.size()) out.push_back(i);
+    return out;
+  }
 
   // The row of one of this rank's items, to fill.
   double* row(std::int64_t item) {

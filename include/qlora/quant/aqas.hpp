@@ -24,6 +24,13 @@
 //
 // w_mag floors: a column whose weights are all zero has w_mag 0; it is floored at 1e-8 so that s stays
 // finite (scaling such a column changes nothing). Statistics are computed in double on the host.
+//
+// Sums over the calibration inputs. x_mag and every err(a) are sums over the inputs (calibration windows)
+// of per-input partials: each input gives one row (its channels' sum |x| and its row count; each
+// candidate's sum of squared errors and element count), and the rows are added in input order in double.
+// An InputSums hook does that addition, so the same search runs on inputs held by one process
+// (sum_in_input_order, the default) or dealt across ranks (models/llama/aqas.hpp: the ranks' rows are
+// exchanged exactly first, and every rank gets one process's sums bit for bit).
 
 #include <algorithm>
 #include <cmath>
@@ -73,8 +80,33 @@ struct ScaleCandidate {
   Tensor forward(std::size_t i, const Tensor& x) const;
 };
 
-// The error of a candidate (smaller is better), e.g. of a whole attention or MLP module built from it.
-using ScaleObjective = std::function<double(const ScaleCandidate&)>;
+// A candidate's error on one calibration input: the sum of its squared output errors and the number of
+// elements they cover. err(candidate) = (sum over every input of squared) / (sum of count).
+struct InputError {
+  double squared = 0;
+  double count = 0;
+};
+
+// The error of a candidate (smaller is better) on each calibration input of the search, in input order,
+// e.g. of a whole attention or MLP module built from it.
+using ScaleObjective = std::function<std::vector<InputError>(const ScaleCandidate&)>;
+
+// This process's per-input rows of partial sums (one row of `width` doubles per input it holds, in input order).
+using LocalRows = std::function<std::vector<std::vector<double>>()>;
+// Runs local_rows and returns the column sums of the rows of EVERY calibration input of the search, added in
+// input order in double. Collective when the inputs are spread over ranks (see the file comment).
+using InputSums = std::function<std::vector<double>(std::size_t width, const LocalRows& local_rows)>;
+
+// The InputSums of one process holding every input.
+inline std::vector<double> sum_in_input_order(std::size_t width, const LocalRows& local_rows) {
+  std::vector<double> sums(width, 0.0);
+  for (const std::vector<double>& row : local_rows()) {
+    QLORA_CHECK(row.size() == width, "sum_in_input_order: a row of " + std::to_string(row.size()) +
+                                         " values, expected " + std::to_string(width));
+    for (std::size_t c = 0; c < width; ++c) sums[c] += row[c];
+  }
+  return sums;
+}
 
 struct ScaleSearchResult {
   std::vector<double> alphas;       // the grid
@@ -99,20 +131,28 @@ inline std::vector<double> host_rows(const Tensor& t, std::int64_t& rows, std::i
   return t.to(Device::cpu()).to(DType::f64).to_vector<double>();
 }
 
-inline void check_group(std::span<const Tensor> weights, std::span<const Tensor> inputs, const char* who) {
+inline void check_weights(std::span<const Tensor> weights, const char* who) {
   QLORA_CHECK(!weights.empty(), std::string(who) + ": the group has no linear");
   const std::int64_t d = weights[0].defined() && weights[0].rank() == 2 ? weights[0].dim(1) : -1;
   for (std::size_t i = 0; i < weights.size(); ++i)
     QLORA_CHECK(weights[i].defined() && weights[i].rank() == 2 && weights[i].dim(1) == d,
                 std::string(who) + ": weight " + std::to_string(i) + " must be 2-D (d_out, " + std::to_string(d) +
                     "), got " + (weights[i].defined() ? weights[i].str() : std::string("(undefined)")));
-  QLORA_CHECK(!inputs.empty(), std::string(who) + ": no calibration inputs");
+}
+
+// Each input (..., d); an empty list is allowed (a rank's share of the inputs may be empty).
+inline void check_inputs(std::span<const Tensor> inputs, std::int64_t d, const char* who) {
   for (std::size_t k = 0; k < inputs.size(); ++k)
     QLORA_CHECK(inputs[k].defined() && inputs[k].rank() >= 1 && inputs[k].shape().last() == d,
                 std::string(who) + ": calibration input " + std::to_string(k) + " must be (..., " + std::to_string(d) +
                     "), got " + (inputs[k].defined() ? inputs[k].str() : std::string("(undefined)")));
 }
 
+inline void check_group(std::span<const Tensor> weights, std::span<const Tensor> inputs, const char* who) {
+  check_weights(weights, who);
+  QLORA_CHECK(!inputs.empty(), std::string(who) + ": no calibration inputs");
+  check_inputs(inputs, weights[0].dim(1), who);
+}
 
 // y[i] = x[i] * factor_of(i), formed in double and rounded once to x's dtype, on x's device (f64 stays on
 // the host in f64; any other dtype or device goes through an f32 host copy). Never writes into x.
@@ -158,24 +198,38 @@ inline Tensor scale_rows(const Tensor& w, const std::vector<double>& factor) {
 
 // ---- statistics and the search ------------------------------------------------------------------------
 
-// x_mag[c] = mean over every row of every input of |x[:, c]|.
+// x_mag[c] = mean over every row of every input of |x[:, c]| for inputs (..., d): each input's row holds
+// its channels' sum |x| (over its rows, in row order) and its row count; `sums` adds them over every input.
+// `who` names the caller in the message about a malformed input.
+inline std::vector<double> input_magnitude(std::span<const Tensor> inputs, std::int64_t d, const InputSums& sums,
+                                           const char* who = "input_magnitude") {
+  const std::vector<double> total = sums(std::size_t(d) + 1, [&] {
+    detail::check_inputs(inputs, d, who);
+    std::vector<std::vector<double>> rows;
+    for (const Tensor& x : inputs) {
+      std::int64_t n = 0, cols = 0;
+      const std::vector<double> v = detail::host_rows(x, n, cols);
+      std::vector<double> row(std::size_t(d) + 1, 0.0);
+      for (std::int64_t r = 0; r < n; ++r)
+        for (std::int64_t c = 0; c < d; ++c) row[std::size_t(c)] += std::fabs(v[std::size_t(r * d + c)]);
+      row[std::size_t(d)] = double(n);
+      rows.push_back(std::move(row));
+    }
+    return rows;
+  });
+  const double total_rows = total[std::size_t(d)];
+  QLORA_CHECK(total_rows > 0, "input_magnitude: the calibration inputs have no rows");
+  std::vector<double> mag(total.begin(), total.end() - 1);
+  for (double& m : mag) m /= total_rows;
+  return mag;
+}
+
+// The same over inputs all held by this process.
 inline std::vector<double> input_magnitude(std::span<const Tensor> inputs) {
   QLORA_CHECK(!inputs.empty(), "input_magnitude: no calibration inputs");
-  std::vector<double> mag;
-  std::int64_t total_rows = 0;
-  for (const Tensor& x : inputs) {
-    std::int64_t rows = 0, cols = 0;
-    const std::vector<double> v = detail::host_rows(x, rows, cols);
-    if (mag.empty()) mag.assign(std::size_t(cols), 0.0);
-    QLORA_CHECK(std::int64_t(mag.size()) == cols, "input_magnitude: inputs of different widths (" +
-                                                      std::to_string(mag.size()) + " and " + std::to_string(cols) + ")");
-    for (std::int64_t r = 0; r < rows; ++r)
-      for (std::int64_t c = 0; c < cols; ++c) mag[std::size_t(c)] += std::fabs(v[std::size_t(r * cols + c)]);
-    total_rows += rows;
-  }
-  QLORA_CHECK(total_rows > 0, "input_magnitude: the calibration inputs have no rows");
-  for (double& m : mag) m /= double(total_rows);
-  return mag;
+  QLORA_CHECK(inputs[0].defined() && inputs[0].rank() >= 1, "input_magnitude: calibration input 0 is " +
+                                                                (inputs[0].defined() ? inputs[0].str() : std::string("(undefined)")));
+  return input_magnitude(inputs, inputs[0].shape().last(), InputSums(sum_in_input_order));
 }
 
 // w_mag[c] = mean over the rows of the stacked weights of |W[o, c]| / max |W[o, .]| over (o, c)'s
@@ -256,63 +310,94 @@ inline double squared_difference(const Tensor& a, const Tensor& b) {
   return ops::sum_squares(parts);
 }
 
-// The default objective: the linears themselves, mean over every output element of every linear and
-// input of (candidate.forward(i, X) - X W_i^T)^2. The reference outputs are computed once, here.
+// The default objective: the linears themselves. Per input, the squared difference of candidate.forward(i, X)
+// from X W_i^T summed over the group's linears i, over as many elements; err = the mean over every output
+// element of every linear and input. The reference outputs are computed once, here.
 inline ScaleObjective linear_group_objective(std::span<const Tensor> weights, std::span<const Tensor> inputs) {
   detail::check_group(weights, inputs, "linear_group_objective");
   std::vector<Tensor> xs, refs;
-  double count = 0;
   for (const Tensor& x : inputs) {
     const Tensor x2 = x.reshape(Shape{x.shape().rows(), x.shape().last()});
     xs.push_back(x2);
-    for (const Tensor& w : weights) {
-      refs.push_back(ops::matmul(x2, w, false, true));
-      count += double(refs.back().numel());
-    }
+    for (const Tensor& w : weights) refs.push_back(ops::matmul(x2, w, false, true));
   }
-  return [xs, refs, count](const ScaleCandidate& c) {
-    double sum = 0;
+  return [xs, refs](const ScaleCandidate& c) {
+    std::vector<InputError> errors;
     std::size_t r = 0;
-    for (const Tensor& x : xs)
-      for (std::size_t i = 0; i < c.weights.size(); ++i) sum += squared_difference(c.forward(i, x), refs[r++]);
-    return sum / count;
+    for (const Tensor& x : xs) {
+      InputError e;
+      for (std::size_t i = 0; i < c.weights.size(); ++i, ++r) {
+        e.squared += squared_difference(c.forward(i, x), refs[r]);
+        e.count += double(refs[r].numel());
+      }
+      errors.push_back(e);
+    }
+    return errors;
   };
 }
 
 // The grid search over a (plus the identity, when asked). weights: the group's (d_out_i, d) matrices;
 // inputs: calibration inputs (..., d) of the group (their x_mag drives s); objective: how to judge a
-// candidate (default: linear_group_objective(weights, inputs)).
+// candidate on each input (default: linear_group_objective(weights, inputs)); sums: where the inputs live
+// (default: all in this process; see the file comment). Every candidate is judged on this process's inputs
+// first and the errors are summed over all inputs once, so a sharded search costs two exchanges; all work
+// on this process's inputs (checks included) runs inside the hook's local_rows.
 inline ScaleSearchResult search_scales(std::span<const Tensor> weights, std::span<const Tensor> inputs,
-                                       const ScaleSearchOptions& options, ScaleObjective objective = {}) {
+                                       const ScaleSearchOptions& options, ScaleObjective objective = {},
+                                       const InputSums& sums = {}) {
   options.validate();
-  detail::check_group(weights, inputs, "search_scales");
-  if (!objective) objective = linear_group_objective(weights, inputs);
-  const std::vector<double> x_mag = input_magnitude(inputs);
+  detail::check_weights(weights, "search_scales");
+  QLORA_CHECK(sums || !inputs.empty(), "search_scales: no calibration inputs");  // one process holds them all
+  const InputSums sum_inputs = sums ? sums : InputSums(sum_in_input_order);
+  const std::vector<double> x_mag = input_magnitude(inputs, weights[0].dim(1), sum_inputs, "search_scales");
   const std::vector<double> w_mag = weight_magnitude(weights, options.weight_format.group);
 
   ScaleSearchResult result;
+  std::vector<std::vector<double>> scales;  // the grid's candidates, then the identity
+  for (int j = 0; j < options.grid; ++j) {
+    result.alphas.push_back(double(j) / double(options.grid));
+    scales.push_back(candidate_scales(x_mag, w_mag, result.alphas.back()));
+  }
+  if (options.include_identity) scales.emplace_back(x_mag.size(), 1.0);
+
+  // Row of input k: (squared, count) of every candidate on it.
+  const std::size_t n = scales.size();
+  const std::vector<double> totals = sum_inputs(2 * n, [&] {
+    std::vector<std::vector<double>> rows(inputs.size(), std::vector<double>(2 * n, 0.0));
+    if (inputs.empty()) return rows;  // no need to quantize candidates for no input
+    if (!objective) objective = linear_group_objective(weights, inputs);
+    for (std::size_t j = 0; j < n; ++j) {
+      const std::vector<InputError> errors =
+          objective(make_candidate(weights, scales[j], options.weight_format, options.activation_bits));
+      QLORA_CHECK(errors.size() == inputs.size(), "search_scales: the objective returned " +
+                                                      std::to_string(errors.size()) + " errors for " +
+                                                      std::to_string(inputs.size()) + " calibration inputs");
+      for (std::size_t k = 0; k < inputs.size(); ++k) {
+        rows[k][2 * j] = errors[k].squared;
+        rows[k][2 * j + 1] = errors[k].count;
+      }
+    }
+    return rows;
+  });
+  const auto error_of = [&](std::size_t j) { return totals[2 * j] / totals[2 * j + 1]; };
+
   double best = std::numeric_limits<double>::infinity();
   for (int j = 0; j < options.grid; ++j) {
-    const double a = double(j) / double(options.grid);
-    const ScaleCandidate c =
-        make_candidate(weights, candidate_scales(x_mag, w_mag, a), options.weight_format, options.activation_bits);
-    const double err = objective(c);
+    const double err = error_of(std::size_t(j));
     QLORA_CHECK(std::isfinite(err), "search_scales: the objective is not finite (" + std::to_string(err) +
-                                        ") at a = " + std::to_string(a));
-    result.alphas.push_back(a);
+                                        ") at a = " + std::to_string(result.alphas[std::size_t(j)]));
     result.errors.push_back(err);
     if (err < best) {
       best = err;
       result.best_grid = j;
-      result.scales = c.scales;
+      result.scales = scales[std::size_t(j)];
     }
   }
   if (options.include_identity) {
-    const std::vector<double> ones(x_mag.size(), 1.0);
-    result.identity_error = objective(make_candidate(weights, ones, options.weight_format, options.activation_bits));
+    result.identity_error = error_of(n - 1);
     if (result.identity_error < best) {
       result.identity_chosen = true;
-      result.scales = ones;
+      result.scales = scales.back();
     }
   }
   return result;

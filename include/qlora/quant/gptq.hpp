@@ -17,6 +17,8 @@
 //   7. codes back to natural column order, packed; f16 scales, u8/f32 zeros; NF4: f32 block absmax, double
 //      quantized afterwards exactly as quantize() does (the codes use the exact absmax, as bitsandbytes').
 // Every format of QuantConfig is supported: int asym/sym (u8 or f32 zeros), dINT, -mse range search, NF4.
+// grid_shrink < 1 fits MagR's shrunk grids instead (every grid GPTQ fits, in steps 1, 3 and 6), as MagR's
+// optq.py does after its preprocessing; with H = I the result is magr_rtn_quantize(w, cfg, beta).
 // act_order with groups smaller than a row needs static_groups (fasterquant would form the groups in the
 // permuted order, which needs a per-column group index that this format does not store).
 
@@ -50,6 +52,7 @@ struct GptqOptions {
   std::int64_t block_size = 128;  // columns per lazy block (the result does not depend on it, up to f32 rounding)
   bool act_order = false;         // quantize columns in order of descending H_ii
   bool static_groups = false;     // fit every group's grid up front, from the weights before any update
+  double grid_shrink = 1.0;       // MagR's beta in (0, 1]: every int grid's top at lo + beta (hi - lo) (magr.md)
   Device device = Device::cpu();  // where the column loop and the trailing GEMMs run
 };
 
@@ -57,12 +60,13 @@ namespace detail {
 
 static_assert(sizeof(cpu::IntGrid) == 2 * sizeof(float), "grids travel between devices as f32 pairs");
 
-inline cpu::GptqGridFormat gptq_grid_format(const QuantConfig& cfg) {
+inline cpu::GptqGridFormat gptq_grid_format(const QuantConfig& cfg, double grid_shrink = 1.0) {
   cpu::GptqGridFormat f;
   f.nf4 = cfg.scheme == Scheme::nf4;
   f.kind = f.nf4 ? cpu::IntKind::asym : int_kind(cfg.scheme);
   f.bits = cfg.bits;
   f.mse_search = cfg.mse_search;
+  f.range_shrink = float(grid_shrink);
   return f;
 }
 
@@ -110,6 +114,11 @@ inline void gptq_check_inputs(const Tensor& w, const Tensor& h, const QuantConfi
               who + ": the Hessian H must be f32 or f64, got " + std::string(dtype_name(h.dtype())));
   QLORA_CHECK(std::isfinite(opt.damp) && opt.damp >= 0, who + ": damp must be finite and >= 0, got " + std::to_string(opt.damp));
   QLORA_CHECK(opt.block_size >= 1, who + ": block_size must be >= 1, got " + std::to_string(opt.block_size));
+  QLORA_CHECK(opt.grid_shrink > 0 && opt.grid_shrink <= 1,
+              who + ": grid_shrink (MagR's beta) must be in (0, 1], got " + std::to_string(opt.grid_shrink));
+  QLORA_CHECK(opt.grid_shrink == 1 || cfg.scheme != Scheme::nf4,
+              who + ": grid_shrink shrinks an integer grid; NF4 has none");
+  QLORA_CHECK(opt.grid_shrink == 1 || !cfg.mse_search, who + ": grid_shrink replaces the MSE range search; drop -mse");
   QLORA_CHECK(!(opt.act_order && cfg.group != 0 && cfg.group < cols && !opt.static_groups),
               who + ": act_order with group size " + std::to_string(cfg.group) +
                   " needs static_groups (groups are stored along natural columns; GPTQ's dynamic groups would follow "
@@ -187,7 +196,7 @@ inline QuantizedTensor gptq_quantize(const Tensor& w, const Tensor& h, const Qua
                                                          std::to_string(i / cols) + ", " + std::to_string(i % cols) + ")");
   }
 
-  const cpu::GptqGridFormat format = detail::gptq_grid_format(cfg);
+  const cpu::GptqGridFormat format = detail::gptq_grid_format(cfg, opt.grid_shrink);
   const std::int64_t group = cfg.group == 0 ? cols : cfg.group;
   const std::int64_t gpr = (cols + group - 1) / group;
   std::vector<cpu::IntGrid> grids(static_cast<std::size_t>(rows * gpr));

@@ -210,24 +210,12 @@ inline QuantizedTensor magr_rtn_quantize(const Tensor& w, const QuantConfig& cfg
   const float* wp = w32.data<float>();
   const float b = float(beta);
 #pragma omp parallel for if (qlora::cpu::worth_parallel(u.rows * u.cols))
-  for (std::int64_t r = 0; r < u.rows; ++r) {
+  for (std::int64_t r = 0; r < u.rows; ++r)
     for (std::int64_t g = 0; g < u.groups_per_row; ++g) {
-      const std::int64_t begin = g * u.group, end = std::min(u.cols, begin + u.group);
-      const float* wg = wp + r * u.cols;
-      float min = wg[begin], max = wg[begin];
-      for (std::int64_t j = begin + 1; j < end; ++j) {
-        min = std::min(min, wg[j]);
-        max = std::max(max, wg[j]);
-      }
-      float lo, hi;
-      cpu::int_range(u.kind, min, max, lo, hi);
-      const cpu::IntGrid grid =
-          cpu::int_grid_from_range(u.kind, u.bits, lo, cpu::add_rn(lo, cpu::mul_rn(b, hi - lo)));
-      u.grids[std::size_t(r * u.groups_per_row + g)] = grid;
-      for (std::int64_t j = begin; j < end; ++j)
-        u.codes[std::size_t(r * u.cols + j)] = cpu::encode_int(u.kind, u.bits, wg[j], grid);
+      const std::int64_t begin = g * u.group, n = std::min(u.cols, begin + u.group) - begin;
+      u.grids[std::size_t(r * u.groups_per_row + g)] = cpu::quantize_int_group(
+          u.kind, u.bits, false, wp + r * u.cols + begin, n, u.codes.data() + r * u.cols + begin, b);
     }
-  }
   store_int_codes(u, q);
   return q;
 }
