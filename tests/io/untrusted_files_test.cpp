@@ -4,7 +4,9 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <string>
@@ -17,6 +19,7 @@
 #include "qlora/io/tokenizer_llama2c.hpp"
 #include "qlora/io/tokenizer_load.hpp"
 #include "qlora/io/hf_config.hpp"
+#include "qlora/io/model_files.hpp"
 
 using qlora::io::GgmlType;
 using qlora::io::GgufFile;
@@ -206,6 +209,19 @@ TEST_CASE("fuzz regressions: every committed crash input is refused with a qlora
       CHECK(!error_of([&] { (void)qlora::io::load_tokenizer(dir / "tokenizer.model"); }).empty());
     } else if (target == "tokenizer_bin") {
       CHECK(!error_of([&] { (void)qlora::io::load_llama2c_tokenizer(entry.path()); }).empty());
+    } else if (target == "quantized_model") {  // a u32 length N, N bytes of config.json, then model.safetensors
+      std::string bytes = qlora::test::read_raw(entry.path());
+      std::uint32_t n = 0;
+      if (bytes.size() >= 4) std::memcpy(&n, bytes.data(), 4);
+      bytes.erase(0, std::min<std::size_t>(4, bytes.size()));
+      n = std::uint32_t(std::min<std::size_t>(n, bytes.size()));
+      TempDir dir;
+      qlora::test::write_raw(dir / "config.json", bytes.substr(0, n));
+      qlora::test::write_raw(dir / "model.safetensors", bytes.substr(n));
+      CHECK(!error_of([&] {
+               const auto files = qlora::io::open_model_files(dir.path());
+               for (const auto& spec : qlora::io::llama_tensor_specs(files->config())) (void)files->load(spec.name);
+             }).empty());
     } else if (target == "config_json") {
       CHECK(!error_of([&] { (void)qlora::io::llama_tensor_specs(qlora::io::read_hf_config(entry.path())); }).empty());
     } else if (target != "dataset") {  // dataset inputs: tests/train/untrusted_files_test.cpp (the train layer)

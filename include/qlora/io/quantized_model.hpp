@@ -124,7 +124,10 @@ inline std::optional<QuantizationInfo> read_quantization_info(const std::filesys
   }
   if (!j.is_object() || !j.contains("quantization_config") || j["quantization_config"].is_null()) return std::nullopt;
   const nlohmann::json& q = j["quantization_config"];
-  const std::string method = q.is_object() ? q.value("quant_method", std::string()) : std::string();
+  // Not q.value<std::string>: a quant_method that is not a string (fuzzing found `false`) must be refused, not throw
+  // nlohmann's type_error past the caller.
+  const auto* m = q.is_object() && q.contains("quant_method") ? &q["quant_method"] : nullptr;
+  const std::string method = m == nullptr ? std::string() : m->is_string() ? m->get<std::string>() : m->dump();
   QLORA_CHECK(method == kQloraQuantMethod,
               config_json.string() + ": quantization_config.quant_method \"" + method +
                   "\" is not supported (qlora reads its own \"qlora\" directories; load the original model instead)");
