@@ -45,11 +45,11 @@ inline std::vector<const nn::Linear*> block_linears(models::llama::Model& model)
 // "model.layers.3.self_attn.q_proj" -> "q_proj".
 inline std::string short_name(const std::string& layer) { return layer.substr(layer.rfind('.') + 1); }
 
-// The tensors of a checkpoint whose block linears are stored in a quantized layout (a qlora quantized
-// directory, a GPTQ export), in HF order: the embedding, each block's two norms and `linear_tensors(linear)`
-// for its seven linears, the final norm and an untied head, the dense ones as `dense(t)`.
+// The tensors of a checkpoint in HF order: the embedding, each block's two norms and `linear_tensors(linear)`
+// for its seven linears, the final norm and an untied head, the dense ones as `dense(t)`. One walker for the
+// merged HF model, a qlora quantized directory and a GPTQ export, which differ only in how a linear is stored.
 template <class Dense, class LinearTensors>
-std::vector<std::pair<std::string, Tensor>> quantized_layout_tensors(models::llama::Model& model, Dense dense,
+std::vector<std::pair<std::string, Tensor>> hf_checkpoint_tensors(models::llama::Model& model, Dense dense,
                                                                      LinearTensors linear_tensors) {
   std::vector<std::pair<std::string, Tensor>> tensors;
   tensors.emplace_back("model.embed_tokens.weight", dense(model.embedding()));
@@ -69,22 +69,10 @@ std::vector<std::pair<std::string, Tensor>> quantized_layout_tensors(models::lla
 
 // Every tensor of the merged model under its HF name, in llama_tensor_specs() order (f32, CPU, HF q/k rows).
 inline std::vector<std::pair<std::string, Tensor>> merged_hf_tensors(models::llama::Model& model) {
-  std::vector<std::pair<std::string, Tensor>> out;
   const auto host = [](const Tensor& t) { return t.to(Device::cpu()).to(DType::f32); };
-  out.emplace_back("model.embed_tokens.weight", host(model.embedding()));
-  for (std::int64_t i = 0; i < model.num_layers(); ++i) {
-    auto& block = model.block(i);
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    out.emplace_back(p + "input_layernorm.weight", host(block.input_norm()));
-    out.emplace_back(p + "post_attention_layernorm.weight", host(block.post_norm()));
-    for (std::size_t k = 0; k < models::llama::all_block_linears().size(); ++k) {
-      const nn::Linear& linear = block.linear(models::llama::DecoderBlock::Proj(k));
-      out.emplace_back(linear.name() + ".weight", linear.merged_weight(DType::f32));
-    }
-  }
-  out.emplace_back("model.norm.weight", host(model.final_norm()));
-  if (!model.tied_head()) out.emplace_back("lm_head.weight", host(model.head_weight()));
-  return out;
+  return hf_checkpoint_tensors(model, host, [](const nn::Linear& linear) {
+    return std::vector<std::pair<std::string, Tensor>>{{linear.name() + ".weight", linear.merged_weight(DType::f32)}};
+  });
 }
 
 }  // namespace detail

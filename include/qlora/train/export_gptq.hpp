@@ -204,7 +204,7 @@ inline GptqExportResult export_gptq(models::llama::Model& model, const std::file
     QLORA_CHECK(refusal.empty(), "export to gptq: " + refusal);
   }
   const auto dense = [](const Tensor& t) { return t.to(Device::cpu()).to(DType::f32).to(DType::f16); };
-  const auto tensors = detail::quantized_layout_tensors(model, dense, [&](const nn::Linear& linear) {
+  const auto tensors = detail::hf_checkpoint_tensors(model, dense, [&](const nn::Linear& linear) {
     quant::QuantizedTensor q;
     if (options.requantize) {
       q = quant::quantize(linear.merged_weight(DType::f32), *options.requantize);

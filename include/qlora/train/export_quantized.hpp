@@ -51,7 +51,7 @@ inline std::vector<std::string> export_quantized(models::llama::Model& model, co
   info.format.validate();
   const auto dense = [&](const Tensor& t) { return t.to(Device::cpu()).to(DType::f32).to(options.dense_dtype); };
 
-  const auto tensors = detail::quantized_layout_tensors(model, dense, [&](const nn::Linear& linear) {
+  const auto tensors = detail::hf_checkpoint_tensors(model, dense, [&](const nn::Linear& linear) {
     const quant::QuantizedTensor* q = linear.quantized_weight();
     QLORA_CHECK(q != nullptr, who + ": " + linear.name() + " has a dense base (quantize every block linear first)");
     QLORA_CHECK(q->config == info.format, who + ": " + linear.name() + " is " + q->config.name() +
